@@ -1,0 +1,30 @@
+"""rpo_lib: the library behind the RPO workbook.
+
+Layout (the math knows nothing of transformers; everything else builds on it):
+
+- ``rpo_lib.bt``        Bradley-Terry preferences: probabilities, sampling, maximum-likelihood rewards.
+- ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
+- ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
+- ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download).
+- ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
+- ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
+- ``rpo_lib.plotting``  the workbook's plot style.
+
+Submodules are imported on first use, so ``import rpo_lib`` stays fast and does not import transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["bt", "env", "exercises", "logprobs", "losses", "models", "plotting"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        module = importlib.import_module(f"rpo_lib.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'rpo_lib' has no attribute {name!r}")

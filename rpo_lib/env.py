@@ -1,0 +1,142 @@
+"""The run-time environment: fast mode, the compute device, versions, and Colab set-up.
+
+Fast mode is the workbook's one switch for smaller experiments: the environment variable ``RPO_FAST=1``
+(set by ``make test`` and ``make workbook``). Notebooks and scripts ask for sizes through ``pick`` so that
+fast and full runs take the same code path with different numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import TypeVar
+
+import torch
+
+__all__ = ["device", "environment_report", "fast_mode", "in_colab", "install_missing", "missing_requirements",
+           "pick", "print_environment"]
+
+T = TypeVar("T")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+DISTRIBUTION = "rpo-workbook"
+
+
+def fast_mode() -> bool:
+    """True when ``RPO_FAST`` is set to 1/true/yes/on; unset or 0 runs the full-size experiments."""
+    value = os.environ.get("RPO_FAST", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"RPO_FAST={value!r} is not understood: set it to 1 for fast mode or 0 (or unset) for full.")
+
+
+def pick(full: T, fast: T) -> T:
+    """``fast`` in fast mode, else ``full``: ``n_pairs = pick(full=10_000, fast=1_000)``."""
+    return fast if fast_mode() else full
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def device(prefer: str | None = None) -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU; ``prefer`` forces one ("cpu", "cuda")."""
+    if prefer is not None:
+        chosen = torch.device(prefer)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible: use 'cpu' or check the driver.")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_REPORTED = ("torch", "transformers", "datasets", "peft", "accelerate", "bitsandbytes", "numpy", "matplotlib",
+             "ipywidgets", "tqdm")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_report() -> dict[str, str]:
+    """Python, package versions, device and mode as strings: what to paste into a bug report."""
+    chosen = device()
+    report = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    report.update({package: _version(package) for package in _REPORTED})
+    report["device"] = chosen.type
+    if chosen.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+        report["gpu memory (GiB)"] = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}"
+    report["cpu threads"] = str(torch.get_num_threads())
+    report["colab"] = str(in_colab())
+    report["fast mode (RPO_FAST)"] = str(fast_mode())
+    return report
+
+
+def print_environment() -> None:
+    """Print ``environment_report()`` as an aligned table."""
+    report = environment_report()
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s;<>=!~\[]", requirement, maxsplit=1)[0].lower()
+
+
+def missing_requirements(*, only_absent: bool = True) -> list[str]:
+    """The workbook's pinned runtime requirements that this environment lacks.
+
+    Read from the installed package's metadata, so pyproject.toml stays the one list. With ``only_absent``
+    (the Colab default) a package that is installed at any version counts as present: Colab's own torch,
+    numpy and matplotlib are kept rather than replaced by downloads. With ``only_absent=False`` a version
+    other than the pin counts as missing too.
+    """
+    try:
+        requirements = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise RuntimeError(
+            f"the {DISTRIBUTION} distribution is not installed: run `pip install --no-deps -e .` in the "
+            f"workbook's folder first."
+        ) from error
+    missing = []
+    for requirement in requirements:
+        if "extra ==" in requirement:
+            continue
+        requirement = requirement.split(";")[0].strip()
+        installed = _version(_requirement_name(requirement))
+        pinned = requirement.split("==", 1)[1].strip() if "==" in requirement else None
+        if installed == "not installed":
+            missing.append(requirement)
+        elif not only_absent and pinned is not None and installed.split("+")[0] != pinned:
+            missing.append(requirement)
+    return missing
+
+
+def install_missing(*, only_absent: bool = True) -> list[str]:
+    """``pip install`` what ``missing_requirements`` lists (the Colab set-up cell calls this)."""
+    missing = missing_requirements(only_absent=only_absent)
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+    return missing
+
+
+if __name__ == "__main__":  # python -m rpo_lib.env [--install-missing]
+    if "--install-missing" in sys.argv:
+        print("installed:", install_missing() or "nothing, all requirements were met")
+    else:
+        print_environment()

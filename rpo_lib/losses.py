@@ -1,0 +1,354 @@
+"""Preference-optimisation losses as pure tensor functions: DPO, IPO, SFT, RPO, online reverse KL, HyPO.
+
+No model, tokenizer or config enters here: the callers (the bandit trainers, the language-model trainer,
+a user's own loop) compute log-probabilities and pass tensors. The same code therefore trains a 3-armed
+bandit and a 7B model.
+
+Conventions
+-----------
+- Sequence log-probabilities have shape (B,): ``log pi(y|x)``, one value per pair. How they were reduced
+  over tokens (sum, the usual DPO choice, or mean) is the caller's explicit choice, made in
+  ``rpo_lib.logprobs.sequence_logprobs``.
+- Inputs may be float32 or bfloat16 (or float64); the arithmetic is done in float32 (float64 is kept).
+- Bad input raises ``ValueError`` naming the argument: mismatched shapes, non-finite values, an all-zero
+  completion mask, fewer than two online samples per prompt.
+- The preference losses return a ``PreferenceLoss``: ``.loss`` to backpropagate, detached implicit rewards
+  ``beta * (log pi - log pi_ref)`` for chosen and rejected, and ``.metrics`` (floats) under the names TRL
+  logs: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+  ``logps/chosen``, ``logps/rejected``, plus ``loss/dpo``, ``loss/sft``, ``kl/online`` where present.
+
+Equations: ``../shared/docs/math.md`` sections 3 (DPO, IPO), 6 (RPO) and 7 (HyPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rpo_lib._checks import check_finite, check_sequence_logps, check_token_inputs, to_float32
+from rpo_lib.bt import bt_loss
+
+__all__ = [
+    "Normalization",
+    "PreferenceLoss",
+    "RPOVariant",
+    "RPO_VARIANTS",
+    "dpo_loss",
+    "hypo_loss",
+    "ipo_loss",
+    "online_kl_loss",
+    "rpo_loss",
+    "sft_loss",
+]
+
+Normalization = Literal["sum", "seq_mean", "token_mean"]
+_NORMALIZATIONS = ("sum", "seq_mean", "token_mean")
+
+
+@dataclass
+class PreferenceLoss:
+    """What every preference loss returns.
+
+    Attributes:
+        loss: scalar tensor to backpropagate.
+        chosen_rewards: (B,) detached implicit rewards ``beta * (log pi(y+) - log pi_ref(y+))``.
+        rejected_rewards: (B,) the same for the rejected responses.
+        metrics: floats for logging (see the module docstring for the names).
+    """
+
+    loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """Checked float32 log-ratios ``log pi/pi_ref`` of chosen and rejected, each (B,)."""
+    check_sequence_logps(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    chosen = to_float32(policy_chosen_logps) - to_float32(ref_chosen_logps)
+    rejected = to_float32(policy_rejected_logps) - to_float32(ref_rejected_logps)
+    return chosen, rejected
+
+
+def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen_logps: Tensor,
+                    policy_rejected_logps: Tensor) -> dict[str, float]:
+    return {
+        "rewards/chosen": float(chosen_rewards.mean()),
+        "rewards/rejected": float(rejected_rewards.mean()),
+        # Strictly greater, as TRL counts it: a tie (e.g. at initialisation) is not a correct ranking.
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+        "logps/chosen": float(policy_chosen_logps.detach().float().mean()),
+        "logps/rejected": float(policy_rejected_logps.detach().float().mean()),
+    }
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}.")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> PreferenceLoss:
+    """DPO: the BT loss on implicit rewards ``beta * log(pi/pi_ref)`` (Rafailov et al. 2023, eq. 7).
+
+    ``L = -mean log s(beta * [log pi(y+)/pi_ref(y+) - log pi(y-)/pi_ref(y-)])``   (math.md section 3)
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) ``log pi_theta(y|x)`` of chosen / rejected.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference policy.
+        beta: KL strength (> 0); small beta lets the policy move further from the reference.
+    Returns:
+        ``PreferenceLoss``. Equal log-ratios give ``loss = log 2``.
+    """
+    _check_positive(beta, "beta")
+    chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+    # The Z(x) of the reparameterisation cancels inside the difference, so DPO *is* the BT loss (bt.py).
+    loss = bt_loss(chosen_rewards, rejected_rewards)
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    metrics["loss/dpo"] = float(loss.detach())
+    return PreferenceLoss(loss, chosen_rewards, rejected_rewards, metrics)
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    tau: float,
+) -> PreferenceLoss:
+    """IPO (Azar et al. 2024): squared regression of the log-ratio gap onto ``1/(2 tau)`` (math.md 3).
+
+    ``h = log pi(y+)/pi_ref(y+) - log pi(y-)/pi_ref(y-)``,  ``L = mean (h - 1/(2 tau))^2``.
+
+    The loss is minimal (zero) at ``h = 1/(2 tau)`` for every pair. The reported rewards are
+    ``tau * log-ratio`` (TRL's convention, where tau is passed as beta).
+    """
+    _check_positive(tau, "tau")
+    chosen_ratio, rejected_ratio = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    gap = chosen_ratio - rejected_ratio  # h, (B,)
+    loss = (gap - 1.0 / (2.0 * tau)).pow(2).mean()
+    chosen_rewards, rejected_rewards = (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
+    metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    metrics["loss/ipo"] = float(loss.detach())
+    return PreferenceLoss(loss, chosen_rewards, rejected_rewards, metrics)
+
+
+def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization = "seq_mean") -> Tensor:
+    """Negative log-likelihood of (chosen) completions, with the normalisation made explicit.
+
+    Args:
+        token_logps: (B, T) per-token ``log pi(y_t | x, y_<t)``; positions outside ``mask`` are ignored
+            (they may hold anything, NaN included).
+        mask: (B, T) 1/True on completion tokens. Every row needs at least one token.
+        normalization:
+            - ``"sum"``: ``mean_b( -sum_t log p )``; the per-sequence NLL, scales with length.
+            - ``"seq_mean"``: ``mean_b( -(1/n_b) sum_t log p )``; every sequence weighs the same.
+            - ``"token_mean"``: ``-(sum_{b,t} log p) / (sum_b n_b)``; every token weighs the same, so long
+              sequences weigh more.
+    Returns:
+        A scalar float32 tensor.
+    """
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}; got {normalization!r}.")
+    mask = check_token_inputs(token_logps, mask)
+    # torch.where, not multiplication: 0 * NaN at a padded position would still be NaN.
+    masked = torch.where(mask, to_float32(token_logps), torch.zeros((), dtype=torch.float32,
+                                                                     device=token_logps.device))
+    per_sequence = masked.sum(dim=1)  # (B,)
+    if normalization == "sum":
+        return -per_sequence.mean()
+    lengths = mask.sum(dim=1).to(masked.dtype)  # (B,), all >= 1 after the check
+    if normalization == "seq_mean":
+        return -(per_sequence / lengths).mean()
+    return -per_sequence.sum() / lengths.sum()
+
+
+@dataclass(frozen=True)
+class RPOVariant:
+    """One published way of scaling RPO's SFT term (math.md section 6)."""
+
+    normalization: Normalization
+    scale_by_beta: bool
+    eta: float  # the published weight of the SFT term
+    beta: float | None  # the published DPO beta, where the source fixes one
+    source: str
+
+    def kwargs(self) -> dict:
+        """The two arguments of ``rpo_loss`` that select this variant."""
+        return {"normalization": self.normalization, "scale_by_beta": self.scale_by_beta}
+
+
+RPO_VARIANTS: dict[str, RPOVariant] = {
+    "handbook": RPOVariant("sum", True, eta=0.005, beta=0.01,
+                           source="Liu et al.'s alignment-handbook patch, zephyr-7b-beta"),
+    "openrlhf": RPOVariant("seq_mean", False, eta=0.2, beta=0.5,
+                           source="Liu et al.'s OpenRLHF patch, zephyr-gemma; 'generally better'"),
+    "trl": RPOVariant("token_mean", False, eta=1.0, beta=None,
+                      source="TRL >= 0.29: loss_type=['sigmoid','sft'], loss_weights=[1, eta]; TRL's docs "
+                             "recommended rpo_alpha=1.0; beta is yours (TRL's default is 0.1)"),
+}
+
+
+def rpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    *,
+    beta: float,
+    eta: float,
+    normalization: Normalization = "seq_mean",
+    scale_by_beta: bool = False,
+) -> PreferenceLoss:
+    """RPO (Liu et al. 2024): DPO plus an SFT loss on the chosen responses (math.md section 6).
+
+    ``L = L_DPO + eta * (beta if scale_by_beta else 1) * sft_loss(chosen tokens, normalization)``
+
+    The SFT term is the reparameterised reward penalty ``-beta * E_{y~pi_base} log pi_theta(y|x)`` of the
+    maximin objective, with ``pi_base`` = the chosen responses of the data; it keeps probability on
+    responses the data covers. The published variants differ only in scale; each is one argument away:
+
+    =========== ============================================ ============================ =============
+    variant     SFT term                                     arguments                    published
+    =========== ============================================ ============================ =============
+    handbook    ``eta * beta * mean_b(-sum_t log p)``        ``"sum", scale_by_beta=True``  eta 0.005, beta 0.01
+    openrlhf    ``eta * mean_b(-(1/n_b) sum_t log p)``       ``"seq_mean"`` (the default)   eta 0.2, beta 0.5
+    trl         ``eta * (-sum_{b,t} log p / n_tokens)``      ``"token_mean"``               weight 1.0
+    =========== ============================================ ============================ =============
+
+    ``RPO_VARIANTS[name].kwargs()`` returns the arguments; e.g.
+    ``rpo_loss(..., beta=0.01, eta=0.005, **RPO_VARIANTS["handbook"].kwargs())``.
+
+    Args:
+        policy_chosen_logps ... ref_rejected_logps: (B,) sequence log-probs, as for ``dpo_loss``.
+        chosen_token_logps: (B, T) per-token log-probs of the chosen completions under the policy.
+        chosen_mask: (B, T) completion mask of the chosen responses.
+        beta: DPO's beta (> 0). eta: weight of the SFT term (>= 0; 0 gives DPO).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0 turns RPO into DPO); got {eta}.")
+    dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   beta=beta)
+    if chosen_token_logps.shape[0] != policy_chosen_logps.shape[0]:
+        raise ValueError(
+            f"chosen_token_logps has {chosen_token_logps.shape[0]} rows but the batch has "
+            f"{policy_chosen_logps.shape[0]} pairs: pass the chosen responses' token log-probs."
+        )
+    sft = sft_loss(chosen_token_logps, chosen_mask, normalization=normalization)
+    weight = eta * (beta if scale_by_beta else 1.0)
+    loss = dpo.loss + weight * sft
+    metrics = dict(dpo.metrics)
+    metrics.update({"loss/sft": float(sft.detach()), "loss/sft_weighted": float(weight * sft.detach())})
+    return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
+
+
+def online_kl_loss(
+    sample_logps: Tensor,
+    ref_sample_logps: Tensor,
+    *,
+    baseline: Literal["rloo", "none"] = "rloo",
+) -> tuple[Tensor, Tensor]:
+    """Reverse KL ``KL(pi || pi_ref)`` from the policy's own samples, with a REINFORCE gradient (math.md 7).
+
+    For ``y ~ pi`` the sequence-level ``kl(y) = log pi(y|x) - log pi_ref(y|x)`` has mean ``KL(pi||pi_ref)``
+    and ``grad E[kl] = E[sg(kl(y)) grad log pi(y)]`` (the ``E[grad log pi]`` term vanishes). With RLOO each
+    sample's baseline is the mean ``kl`` of the other ``k-1`` samples of the same prompt, independent of
+    that sample, so the estimate stays unbiased and its variance drops:
+
+    ``surrogate = mean_{b,i} sg(kl_i - mean_{j != i} kl_j) * log pi(y_i)``
+
+    Args:
+        sample_logps: (B, k) ``log pi_theta(y_i|x_b)`` of k samples per prompt drawn from the current
+            policy, summed over generated tokens, differentiable in theta.
+        ref_sample_logps: (B, k) the same samples under the reference policy.
+        baseline: ``"rloo"`` (k >= 2) or ``"none"`` (plain REINFORCE, k >= 1; for comparisons).
+    Returns:
+        ``(loss, kl)``: ``loss`` is a scalar whose *gradient* is the unbiased estimate above and whose
+        *value* equals ``kl`` (the surrogate is shifted by a detached constant so that a logged loss reads
+        as a KL); ``kl`` is the detached Monte-Carlo estimate ``mean_{b,i} kl_i`` of ``KL(pi||pi_ref)``.
+    """
+    if baseline not in ("rloo", "none"):
+        raise ValueError(f"baseline must be 'rloo' or 'none'; got {baseline!r}.")
+    for name, tensor in (("sample_logps", sample_logps), ("ref_sample_logps", ref_sample_logps)):
+        if not isinstance(tensor, Tensor) or tensor.dim() != 2:
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must have shape (B, k), k samples per prompt; got {shape}.")
+        check_finite(tensor, name)
+    if sample_logps.shape != ref_sample_logps.shape:
+        raise ValueError(
+            f"sample_logps has shape {tuple(sample_logps.shape)} but ref_sample_logps has shape "
+            f"{tuple(ref_sample_logps.shape)}: score the same samples under both policies."
+        )
+    k = sample_logps.shape[1]
+    if baseline == "rloo" and k < 2:
+        raise ValueError(
+            f"RLOO needs k >= 2 samples per prompt (the baseline of one sample is the others' mean); got "
+            f"k={k}. Sample more per prompt, or pass baseline='none'."
+        )
+    logps = to_float32(sample_logps)
+    kl_per_sample = (logps - to_float32(ref_sample_logps)).detach()  # (B, k), sg(kl_i)
+    kl = kl_per_sample.mean()
+    if baseline == "rloo":
+        leave_one_out = (kl_per_sample.sum(dim=1, keepdim=True) - kl_per_sample) / (k - 1)  # (B, k)
+        advantage = kl_per_sample - leave_one_out
+    else:
+        advantage = kl_per_sample
+    surrogate = (advantage * logps).mean()
+    loss = surrogate - surrogate.detach() + kl  # value = KL estimate, gradient = REINFORCE estimate
+    return loss, kl
+
+
+def hypo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    sample_logps: Tensor,
+    ref_sample_logps: Tensor,
+    *,
+    beta: float,
+    lam: float,
+) -> PreferenceLoss:
+    """HyPO (Song et al. 2024, eq. 7): offline DPO plus ``lam`` times the online reverse KL (math.md 7).
+
+    ``L = L_DPO + lam * E_{x~D, y~pi_theta}[log pi_theta(y|x) - log pi_ref(y|x)]``, the KL term estimated
+    by ``online_kl_loss`` (RLOO) from k >= 2 samples per prompt of the current policy.
+
+    Args:
+        policy_chosen_logps ... ref_rejected_logps: (B,) offline pairs, as for ``dpo_loss``.
+        sample_logps, ref_sample_logps: (B', k) online samples (B' prompts, need not equal B).
+        beta: DPO's beta (> 0). lam: weight of the reverse-KL term (>= 0; 0 gives DPO).
+    """
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0 (0 turns HyPO into DPO); got {lam}.")
+    dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   beta=beta)
+    kl_loss, kl = online_kl_loss(sample_logps, ref_sample_logps)
+    loss = dpo.loss + lam * kl_loss
+    metrics = dict(dpo.metrics)
+    metrics.update({"kl/online": float(kl), "loss/kl_weighted": float(lam * kl)})
+    return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
