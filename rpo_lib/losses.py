@@ -277,9 +277,14 @@ def online_kl_loss(
     For ``y ~ pi`` the sequence-level ``kl(y) = log pi(y|x) - log pi_ref(y|x)`` has mean ``KL(pi||pi_ref)``
     and ``grad E[kl] = E[sg(kl(y)) grad log pi(y)]`` (the ``E[grad log pi]`` term vanishes). With RLOO each
     sample's baseline is the mean ``kl`` of the other ``k-1`` samples of the same prompt, independent of
-    that sample, so the estimate stays unbiased and its variance drops:
+    that sample, so the estimate stays unbiased:
 
     ``surrogate = mean_{b,i} sg(kl_i - mean_{j != i} kl_j) * log pi(y_i)``
+
+    The baseline pays off for sequences: ``kl(y)`` sums over tokens, so each token's score is multiplied
+    by the other tokens' kl, an offset of size ~KL that the baseline removes (variance ratio RLOO/none,
+    k=2, measured in tests/test_losses.py: 0.34 at 16 tokens, 0.13 at 32). For a single categorical draw
+    the baseline's own noise can dominate and the variance rises (ratio ~2.5): not a free lunch.
 
     Args:
         sample_logps: (B, k) ``log pi_theta(y_i|x_b)`` of k samples per prompt drawn from the current

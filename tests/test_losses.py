@@ -1,0 +1,294 @@
+import math
+
+import pytest
+import torch
+
+from rpo_lib.losses import (RPO_VARIANTS, dpo_loss, hypo_loss, ipo_loss, online_kl_loss, rpo_loss,
+                            sft_loss)
+
+
+def _pairs(batch=4, seed=0, dtype=torch.float32, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    values = [(-10 * torch.rand(batch, generator=generator)).to(dtype) for _ in range(4)]
+    if requires_grad:
+        values[0].requires_grad_(True)
+        values[1].requires_grad_(True)
+    return values
+
+
+# ---------------------------------------------------------------- DPO
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 5.0])
+def test_dpo_of_equal_log_ratios_is_log_2(beta):
+    ref_chosen, ref_rejected = torch.tensor([-3.0, -7.0, -1.0]), torch.tensor([-2.0, -9.0, -4.0])
+    shift = torch.tensor([0.5, -1.0, 2.0])  # the same log-ratio for chosen and rejected, per pair
+    out = dpo_loss(ref_chosen + shift, ref_rejected + shift, ref_chosen, ref_rejected, beta=beta)
+    assert torch.isclose(out.loss, torch.tensor(math.log(2.0)), atol=1e-6)
+    assert out.metrics["rewards/accuracies"] == 0.0  # ties are not counted as correct
+
+
+def test_dpo_golden_number():
+    # h = (-1 - -1.5) - (-2 - -1.5) = 1; beta * h = 0.5; -log s(0.5) = log(1 + e^-0.5)
+    out = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.5)
+    assert torch.isclose(out.loss, torch.tensor(0.4740770), atol=1e-6)
+    assert torch.allclose(out.chosen_rewards, torch.tensor([0.25]))
+    assert torch.allclose(out.rejected_rewards, torch.tensor([-0.25]))
+    assert out.metrics["rewards/margins"] == pytest.approx(0.5)
+    assert out.metrics["rewards/accuracies"] == 1.0
+    assert out.metrics["logps/chosen"] == pytest.approx(-1.0)
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    chosen, rejected, ref_chosen, ref_rejected = _pairs(requires_grad=True)
+    dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1).loss.backward()
+    assert (chosen.grad < 0).all()  # a descent step increases log pi(y+)
+    assert (rejected.grad > 0).all()  # and decreases log pi(y-)
+    assert torch.allclose(chosen.grad, -rejected.grad)
+
+
+def test_dpo_rewards_are_detached_and_loss_differentiable():
+    chosen, rejected, ref_chosen, ref_rejected = _pairs(requires_grad=True)
+    out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+    assert out.loss.requires_grad and out.loss.dim() == 0
+    assert not out.chosen_rewards.requires_grad and out.chosen_rewards.shape == (4,)
+
+
+@pytest.mark.parametrize("loss_name", ["dpo", "ipo", "rpo", "hypo"])
+def test_bfloat16_inputs_compute_in_float32(loss_name):
+    values16 = [v.to(torch.bfloat16) for v in _pairs(batch=8, seed=3)]
+    tokens16 = (torch.randn(8, 3, generator=torch.Generator().manual_seed(4)) - 3).to(torch.bfloat16)
+
+    def run(values, tokens):
+        samples = torch.stack([values[0], values[1]], dim=1)
+        ref_samples = torch.stack([values[2], values[3]], dim=1)
+        if loss_name == "dpo":
+            return dpo_loss(*values, beta=0.1).loss
+        if loss_name == "ipo":
+            return ipo_loss(*values, tau=0.5).loss
+        if loss_name == "rpo":
+            return rpo_loss(*values, tokens, torch.ones(8, 3), beta=0.1, eta=0.5).loss
+        return hypo_loss(*values, samples, ref_samples, beta=0.1, lam=0.3).loss
+
+    loss16 = run(values16, tokens16)
+    assert loss16.dtype == torch.float32
+    # the same numbers held in float32 give the same loss: nothing was computed in bf16
+    assert torch.allclose(loss16, run([v.float() for v in values16], tokens16.float()), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_losses_run_on_cuda():
+    values = [v.cuda() for v in _pairs()]
+    assert dpo_loss(*values, beta=0.1).loss.device.type == "cuda"
+    tokens, mask = torch.randn(4, 5, device="cuda"), torch.ones(4, 5, device="cuda")
+    assert rpo_loss(*values, tokens, mask, beta=0.1, eta=1.0).loss.device.type == "cuda"
+
+
+# ---------------------------------------------------------------- IPO
+def test_ipo_is_minimal_at_half_inverse_tau():
+    tau = 0.25
+    gaps = torch.linspace(-2.0, 6.0, 801)
+    zeros = torch.zeros_like(gaps)
+    losses = torch.stack([
+        ipo_loss(g.view(1), z.view(1), z.view(1), z.view(1), tau=tau).loss for g, z in zip(gaps, zeros)
+    ])
+    assert gaps[losses.argmin()].item() == pytest.approx(1.0 / (2.0 * tau), abs=1e-2)
+    at_target = ipo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), tau=tau)
+    assert at_target.loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- SFT
+TOKENS = torch.tensor([[-1.0, -2.0, -3.0, float("nan")], [-4.0, float("nan"), 7.0, 0.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("normalization,expected", [
+    ("sum", (6.0 + 4.0) / 2),  # mean over batch of -sum_t
+    ("seq_mean", (2.0 + 4.0) / 2),  # mean over batch of -(sum_t / n_t)
+    ("token_mean", 10.0 / 4),  # -(sum over all tokens) / number of tokens
+])
+def test_sft_normalizations_by_hand(normalization, expected):
+    value = sft_loss(TOKENS, MASK, normalization=normalization)
+    assert torch.isfinite(value)  # the NaNs sit outside the mask and must not leak
+    assert value.item() == pytest.approx(expected)
+
+
+def test_sft_gradient_ignores_masked_positions():
+    tokens = TOKENS.nan_to_num(0.0).requires_grad_(True)
+    sft_loss(tokens, MASK, normalization="token_mean").backward()
+    assert torch.equal(tokens.grad == 0, MASK == 0)
+
+
+def test_sft_rejects_all_masked_sequence():
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\].*all-zero mask"):
+        sft_loss(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [0, 0, 0]]))
+
+
+def test_sft_rejects_unknown_normalization():
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        sft_loss(torch.zeros(1, 2), torch.ones(1, 2), normalization="mean")
+
+
+# ---------------------------------------------------------------- RPO
+@pytest.mark.parametrize("variant", sorted(RPO_VARIANTS))
+def test_rpo_is_dpo_plus_the_right_multiple_of_sft(variant):
+    spec = RPO_VARIANTS[variant]
+    beta, eta = 0.3, 0.7
+    values = _pairs()
+    tokens = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) - 2.0
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    out = rpo_loss(*values, tokens, mask, beta=beta, eta=eta, **spec.kwargs())
+    dpo = dpo_loss(*values, beta=beta).loss
+    sft = sft_loss(tokens, mask, normalization=spec.normalization)
+    multiple = {"handbook": eta * beta, "openrlhf": eta, "trl": eta}[variant]
+    assert torch.isclose(out.loss, dpo + multiple * sft, atol=1e-6)
+    assert out.metrics["loss/sft"] == pytest.approx(sft.item(), rel=1e-6)
+
+
+def test_rpo_published_variants_are_spelled_out():
+    assert RPO_VARIANTS["handbook"].kwargs() == {"normalization": "sum", "scale_by_beta": True}
+    assert RPO_VARIANTS["openrlhf"].kwargs() == {"normalization": "seq_mean", "scale_by_beta": False}
+    assert RPO_VARIANTS["trl"].kwargs() == {"normalization": "token_mean", "scale_by_beta": False}
+    assert (RPO_VARIANTS["handbook"].eta, RPO_VARIANTS["handbook"].beta) == (0.005, 0.01)
+    assert (RPO_VARIANTS["openrlhf"].eta, RPO_VARIANTS["openrlhf"].beta) == (0.2, 0.5)
+
+
+def test_rpo_with_zero_eta_is_dpo_and_sft_keeps_chosen_up():
+    values = _pairs(requires_grad=True)
+    tokens = values[0].unsqueeze(1).expand(4, 2) / 2  # chosen token log-probs that sum to the sequence
+    mask = torch.ones(4, 2)
+    assert torch.isclose(rpo_loss(*values, tokens, mask, beta=0.1, eta=0.0).loss, dpo_loss(*values, beta=0.1).loss)
+    grad_dpo = torch.autograd.grad(dpo_loss(*values, beta=0.1).loss, values[0])[0]
+    grad_rpo = torch.autograd.grad(rpo_loss(*values, tokens, mask, beta=0.1, eta=1.0).loss, values[0])[0]
+    assert (grad_rpo < grad_dpo).all()  # the SFT term pushes chosen log-probs up harder
+
+
+# ---------------------------------------------------------------- errors
+def test_mismatched_shapes_name_the_argument():
+    a, b, c, _ = _pairs()
+    with pytest.raises(ValueError, match="ref_rejected_logps has shape \\(3,\\)"):
+        dpo_loss(a, b, c, torch.zeros(3), beta=0.1)
+
+
+def test_token_level_input_to_dpo_is_refused():
+    with pytest.raises(ValueError, match="policy_chosen_logps has shape \\(4, 2\\).*sequence_logprobs"):
+        dpo_loss(torch.zeros(4, 2), torch.zeros(4), torch.zeros(4), torch.zeros(4), beta=0.1)
+
+
+def test_non_finite_log_probs_are_refused():
+    a, b, c, d = _pairs()
+    b[2] = float("nan")
+    with pytest.raises(ValueError, match="policy_rejected_logps holds 1 non-finite"):
+        dpo_loss(a, b, c, d, beta=0.1)
+    with pytest.raises(ValueError, match="non-finite"):
+        sft_loss(torch.tensor([[float("-inf"), -1.0]]), torch.ones(1, 2))
+
+
+def test_bad_hyperparameters_are_refused():
+    values = _pairs()
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo_loss(*values, beta=0.0)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ipo_loss(*values, tau=-1.0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        rpo_loss(*values, torch.zeros(4, 2), torch.ones(4, 2), beta=0.1, eta=-1.0)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        hypo_loss(*values, torch.zeros(4, 2), torch.zeros(4, 2), beta=0.1, lam=-1.0)
+
+
+def test_online_kl_needs_two_samples_per_prompt():
+    with pytest.raises(ValueError, match="k >= 2"):
+        online_kl_loss(torch.zeros(4, 1), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="shape \\(B, k\\)"):
+        online_kl_loss(torch.zeros(4), torch.zeros(4))
+    loss, kl = online_kl_loss(torch.zeros(4, 1), torch.ones(4, 1), baseline="none")
+    assert kl.item() == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------- online KL and HyPO
+def _sequence_world(length=6, vocab=5):
+    """A policy over token sequences: independent positions, one softmax per position (float64)."""
+    generator = torch.Generator().manual_seed(11)
+    policy_logits = torch.randn(length, vocab, generator=generator, dtype=torch.float64)
+    ref_logp = torch.log_softmax(torch.randn(length, vocab, generator=generator, dtype=torch.float64), dim=1)
+    return policy_logits, ref_logp
+
+
+def _exact_kl_and_gradient(policy_logits, ref_logp):
+    """Sequence-level KL(pi || pi_ref) = sum over positions of the per-position KL, and its gradient."""
+    theta = policy_logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, dim=-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum()
+    (gradient,) = torch.autograd.grad(kl, theta)
+    return kl.item(), gradient
+
+
+def _per_prompt_gradients(policy_logits, ref_logp, n_prompts, k, baseline, seed):
+    """Per-prompt REINFORCE estimates of grad KL, from online_kl_loss itself (one theta copy per prompt)."""
+    generator = torch.Generator().manual_seed(seed)
+    length, vocab = policy_logits.shape
+    probs = torch.softmax(policy_logits, dim=-1)  # (T, V)
+    tokens = torch.multinomial(probs.repeat(n_prompts * k, 1), 1, replacement=True, generator=generator)
+    tokens = tokens.view(n_prompts, k, length)  # (B, k, T)
+    theta = policy_logits.expand(n_prompts, length, vocab).clone().requires_grad_(True)  # (B, T, V)
+    token_logps = torch.log_softmax(theta, dim=-1).unsqueeze(1).expand(-1, k, -1, -1)  # (B, k, T, V)
+    sample_logps = token_logps.gather(3, tokens.unsqueeze(-1)).squeeze(-1).sum(dim=2)  # (B, k)
+    positions = torch.arange(length)
+    ref_sample_logps = ref_logp[positions, tokens].sum(dim=2)  # (B, k)
+    loss, kl = online_kl_loss(sample_logps, ref_sample_logps, baseline=baseline)
+    loss.backward()
+    return theta.grad.flatten(1) * n_prompts, kl.item()  # (B, T*V): the loss averages over prompts
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_online_kl_gradient_is_unbiased(k):
+    policy_logits, ref_logp = _sequence_world()
+    exact_kl, exact_gradient = _exact_kl_and_gradient(policy_logits, ref_logp)
+    per_prompt, kl_estimate = _per_prompt_gradients(policy_logits, ref_logp, 30_000, k, "rloo", seed=k)
+    mean = per_prompt.mean(dim=0)
+    standard_error = per_prompt.std(dim=0) / per_prompt.shape[0] ** 0.5
+    exact = exact_gradient.flatten()
+    assert ((mean - exact).abs() < 4.5 * standard_error + 1e-9).all(), (mean - exact) / standard_error
+    assert abs(kl_estimate - exact_kl) < 0.05 * exact_kl
+    # the same check rejects an estimator that is off by 20%: it is not vacuous
+    assert not ((1.2 * mean - exact).abs() < 4.5 * standard_error).all()
+
+
+def test_rloo_baseline_lowers_variance_for_sequences():
+    # For a sequence, kl(y) sums over positions, so each position's score is multiplied by the other
+    # positions' kl: an offset of mean ~KL that the leave-one-out baseline removes.
+    # Measured here: variance ratio RLOO / none = 2.6, 2.4, 0.68, 0.34, 0.13 for 1, 2, 6, 16, 32 tokens.
+    policy_logits, ref_logp = _sequence_world(length=16)
+    with_baseline, _ = _per_prompt_gradients(policy_logits, ref_logp, 10_000, 2, "rloo", seed=7)
+    without, _ = _per_prompt_gradients(policy_logits, ref_logp, 10_000, 2, "none", seed=7)
+    variance_rloo = with_baseline.var(dim=0).sum().item()
+    variance_plain = without.var(dim=0).sum().item()
+    assert variance_rloo < 0.5 * variance_plain, (variance_rloo, variance_plain)
+
+
+def test_rloo_baseline_is_not_free_for_a_single_draw():
+    # What is actually true for ONE categorical draw with k=2: the baseline is another sample's kl, its
+    # noise can exceed the offset it removes, and the variance goes up. Notebook 06 shows both cases.
+    policy_logits, ref_logp = _sequence_world(length=1)
+    with_baseline, _ = _per_prompt_gradients(policy_logits, ref_logp, 20_000, 2, "rloo", seed=7)
+    without, _ = _per_prompt_gradients(policy_logits, ref_logp, 20_000, 2, "none", seed=7)
+    assert with_baseline.var(dim=0).sum() > without.var(dim=0).sum()
+
+
+def test_online_kl_value_reads_as_kl():
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.5], [-1.0, -2.0]])
+    loss, kl = online_kl_loss(logps, ref)
+    assert loss.item() == pytest.approx(kl.item()) == pytest.approx((0.5 + 0.5 + 0.5 - 1.0) / 4)
+
+
+def test_hypo_is_dpo_plus_lambda_times_online_kl():
+    values = _pairs(requires_grad=True)
+    samples = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    ref_samples = torch.tensor([[-1.5, -2.5], [-1.0, -2.0]])
+    out = hypo_loss(*values, samples, ref_samples, beta=0.1, lam=0.25)
+    kl_loss, kl = online_kl_loss(samples, ref_samples)
+    expected = dpo_loss(*values, beta=0.1).loss + 0.25 * kl_loss
+    assert torch.isclose(out.loss, expected)
+    assert out.metrics["kl/online"] == pytest.approx(kl.item())
+    (grad_hypo,) = torch.autograd.grad(out.loss, samples)
+    (grad_kl,) = torch.autograd.grad(kl_loss, samples)
+    assert torch.allclose(grad_hypo, 0.25 * grad_kl)
