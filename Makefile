@@ -1,0 +1,55 @@
+# The RPO workbook. `make workbook` and `make test` are the two commands a new user needs; both set up
+# .venv on first use. See README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is installed first and pinned: on a machine with a local CPU wheel this takes seconds. Elsewhere,
+# for a CPU-only build, run e.g. `make TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu test`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: help install workbook workbook-full test unit notebooks lab store-outputs clean
+
+help:
+	@echo "make workbook       set up .venv, run every notebook headless in fast mode, write build/ (HTML + executed notebooks)"
+	@echo "make test           set up .venv, run the unit tests and nbval over notebooks/ (fast mode)"
+	@echo "make lab            open JupyterLab on notebooks/"
+	@echo "make workbook-full  like 'workbook' with the full-size experiments (RPO_FAST=0)"
+	@echo "make store-outputs  re-execute notebooks and store the outputs of their NBVAL_CHECK_OUTPUT cells"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+workbook: $(STAMP)
+	RPO_FAST=1 $(PY) scripts/build_workbook.py $(NOTEBOOKS)
+
+workbook-full: $(STAMP)
+	RPO_FAST=0 $(PY) scripts/build_workbook.py $(NOTEBOOKS)
+
+test: $(STAMP)
+	RPO_FAST=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+
+unit: $(STAMP)
+	$(PY) -m pytest tests
+
+notebooks: $(STAMP)
+	RPO_FAST=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+store-outputs: $(STAMP)
+	RPO_FAST=1 $(PY) scripts/build_workbook.py --store-checked-outputs $(NOTEBOOKS)
+
+clean:
+	rm -rf build .pytest_cache
