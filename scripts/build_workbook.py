@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     exporter = HTMLExporter()
     for path in args.notebooks:
         path = path.resolve()
-        print(f"  {path.name} ...", end="", flush=True)
+        print(f"  running {path.name}", flush=True)
         executed, seconds, error = execute(path, args.timeout)
         timings[path.name] = round(seconds, 1)
         nbformat.write(executed, BUILD / "notebooks" / path.name)
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         (BUILD / "html" / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
         if error:
             failures.append(path.name)
-            print(f" FAILED after {seconds:.1f} s: {error}")
+            print(f"  {path.name} FAILED after {seconds:.1f} s: {error}", flush=True)
         else:
-            print(f" {seconds:.1f} s")
+            print(f"  {path.name} done in {seconds:.1f} s", flush=True)
             if args.store_checked_outputs:
                 store_checked_outputs(path, executed)
     record = {"mode": mode, "cpu_threads": os.cpu_count(), "seconds": timings}
