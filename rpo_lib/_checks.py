@@ -56,6 +56,8 @@ def check_sequence_logps(**named: Tensor) -> int:
         if tensor.numel() == 0:
             raise ValueError(f"{name} is empty: a loss needs at least one pair.")
         check_finite(tensor, name)
+    if shape is None:
+        raise ValueError("no log-probability tensors were given.")
     return int(shape[0])
 
 

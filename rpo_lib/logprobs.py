@@ -14,7 +14,7 @@ extra float32 memory: ``chunk_elements`` values plus O(B*T). (Double backward is
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -147,7 +147,7 @@ def sequence_logprobs(
 
 
 def completion_logprobs(
-    model: Callable[..., object],
+    model: Callable[..., Any],
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,

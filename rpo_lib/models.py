@@ -46,9 +46,9 @@ def tiny_causal_lm(config: TinyLMConfig | None = None, *, seed: int = 0, dtype: 
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # accepted by PreTrainedConfig at run time
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_config)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval()  # type: ignore[arg-type]

@@ -46,7 +46,7 @@ def execute(path: Path, timeout: int) -> tuple[nbformat.NotebookNode, float, str
 
 def store_checked_outputs(path: Path, executed: nbformat.NotebookNode) -> None:
     source = nbformat.read(path, as_version=4)
-    for cell, ran in zip(source.cells, executed.cells):
+    for cell, ran in zip(source.cells, executed.cells, strict=True):
         if cell.cell_type != "code":
             continue
         if CHECK_MARK in cell.source:

@@ -88,7 +88,7 @@ def test_ipo_is_minimal_at_half_inverse_tau():
     gaps = torch.linspace(-2.0, 6.0, 801)
     zeros = torch.zeros_like(gaps)
     losses = torch.stack([
-        ipo_loss(g.view(1), z.view(1), z.view(1), z.view(1), tau=tau).loss for g, z in zip(gaps, zeros)
+        ipo_loss(g.view(1), z.view(1), z.view(1), z.view(1), tau=tau).loss for g, z in zip(gaps, zeros, strict=True)
     ])
     assert gaps[losses.argmin()].item() == pytest.approx(1.0 / (2.0 * tau), abs=1e-2)
     at_target = ipo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), tau=tau)
