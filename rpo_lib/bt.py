@@ -92,7 +92,7 @@ def min_preference_noise(reward_bound: float) -> float:
 
 def sample_labels(reward_a, reward_b, *, seed: int | torch.Generator | None = None) -> Tensor:
     """Draw BT labels: a boolean tensor, True where ``a`` is preferred, with probability ``s(r_a - r_b)``."""
-    probability = preference_probability(reward_a, reward_b)
+    probability = preference_probability(reward_a, reward_b).cpu()  # labels are drawn on the CPU
     generator = make_generator(seed)
     return torch.rand(probability.shape, generator=generator, dtype=torch.float64) < probability.double()
 
@@ -114,14 +114,15 @@ class Comparisons:
         table = _as_table(rewards)
         return table[self.prompt, self.chosen], table[self.prompt, self.rejected]
 
-    def win_counts(self, n_responses: int, n_prompts: int = 1) -> tuple[Tensor, Tensor]:
-        """(wins, appearances) per (prompt, response), each of shape (n_prompts, n_responses)."""
-        wins = torch.zeros(n_prompts, n_responses)
-        seen = torch.zeros(n_prompts, n_responses)
-        wins.index_put_((self.prompt, self.chosen), torch.ones(len(self)), accumulate=True)
-        seen.index_put_((self.prompt, self.chosen), torch.ones(len(self)), accumulate=True)
-        seen.index_put_((self.prompt, self.rejected), torch.ones(len(self)), accumulate=True)
-        return wins, seen
+    def pairwise_wins(self, n_responses: int, n_prompts: int = 1) -> Tensor:
+        """``wins[x, a, b]``: how often ``a`` beat ``b`` at prompt ``x``; shape (n_prompts, R, R).
+
+        ``wins + wins.transpose(-1, -2)`` counts the comparisons of each pair: a zero there is a pair the
+        data never compared.
+        """
+        wins = torch.zeros(n_prompts, n_responses, n_responses)
+        wins.index_put_((self.prompt, self.chosen, self.rejected), torch.ones(len(self)), accumulate=True)
+        return wins
 
 
 def _as_table(rewards) -> Tensor:
@@ -158,7 +159,7 @@ def sample_comparisons(
         prompt_probs: (n_prompts,); need not sum to 1.
         seed: int or ``torch.Generator``; the same seed gives the same data.
     """
-    table = to_float32(_as_table(rewards))
+    table = to_float32(_as_table(rewards)).cpu()  # data generation happens on the CPU
     check_finite(table, "rewards")
     n_prompts, n_responses = table.shape
     if n_pairs < 1:
@@ -167,7 +168,7 @@ def sample_comparisons(
 
     if response_probs is None:
         response_probs = torch.ones(n_prompts, n_responses)
-    response_probs = to_float32(as_tensor(response_probs, "response_probs"))
+    response_probs = to_float32(as_tensor(response_probs, "response_probs")).cpu()
     if response_probs.dim() == 1:
         response_probs = response_probs.expand(n_prompts, -1)
     if response_probs.shape != (n_prompts, n_responses):
@@ -182,7 +183,7 @@ def sample_comparisons(
         )
     if prompt_probs is None:
         prompt_probs = torch.ones(n_prompts)
-    prompt_probs = to_float32(as_tensor(prompt_probs, "prompt_probs"))
+    prompt_probs = to_float32(as_tensor(prompt_probs, "prompt_probs")).cpu()
     if prompt_probs.shape != (n_prompts,) or bool((prompt_probs < 0).any()) or float(prompt_probs.sum()) <= 0:
         raise ValueError(f"prompt_probs must be {n_prompts} non-negative weights, not all zero.")
 

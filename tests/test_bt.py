@@ -47,6 +47,9 @@ def test_sample_comparisons_respects_the_data_distribution_and_seed():
     assert not bool((data.chosen == 3).any() or (data.rejected == 3).any())
     assert bool((data.chosen != data.rejected).all())
     assert set(data.prompt.tolist()) == {0, 1}
+    wins = data.pairwise_wins(n_responses=4, n_prompts=2)
+    assert wins.sum().item() == 2000 and wins[:, 3, :].sum().item() == 0 and wins[:, :, 3].sum().item() == 0
+    assert wins[0, 0, 2] > wins[0, 2, 0]  # reward 1 beats reward -1 more often than the reverse
     again = bt.sample_comparisons(rewards, 2000, response_probs=support, seed=5)
     assert torch.equal(data.chosen, again.chosen) and torch.equal(data.prompt, again.prompt)
     with pytest.raises(ValueError, match="at least two responses"):
