@@ -62,3 +62,14 @@ def test_exercise_check(capsys):
     assert exercises.check("E1", [0.5, 1.0], [0.5, 1.0 + 1e-9]) is True
     assert exercises.check("E1", [0.5], [0.5, 1.0]) is False
     assert exercises.check("E2", "dpo", "dpo") is True
+
+
+def test_math_modules_do_not_import_transformers():
+    # The layout promise: bt, losses and logprobs are math on tensors; transformers loads only for models.
+    import subprocess
+    import sys
+
+    code = ("import sys, rpo_lib, rpo_lib.bt, rpo_lib.losses, rpo_lib.logprobs, rpo_lib.env, rpo_lib.exercises; "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
