@@ -81,8 +81,9 @@ def token_logprobs(
         logits: (B, T, V) model outputs, any float dtype (bf16 is not upcast as a whole).
         labels: (B, T) token ids; with ``shift=True`` these are the model's ``input_ids``.
         completion_mask: (B, T) 1/True where ``labels`` is a completion token (prompt and padding 0).
-        shift: if True, logits at position t score ``labels[:, t+1]`` (the usual causal-LM layout);
-            if False, logits and labels are already aligned.
+        shift: if True, logits at position t score ``labels[:, t+1]`` (the usual causal-LM layout; the
+            first token has nothing before it and is never scored); if False, logits and labels are
+            already aligned.
         chunk_elements: upper bound on float32 logits materialised at once.
     Returns:
         ``(token_logps, mask)``: float32 (B, T') and bool (B, T'), T' = T-1 with shift, else T.
@@ -106,7 +107,7 @@ def token_logprobs(
         targets = labels
     vocab = logits.shape[-1]
     # Masked labels may be -100 or out of range: any valid id will do, the result is zeroed there.
-    full_mask = torch.cat([mask, mask[:, :1]], dim=1) if shift else mask
+    full_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1) if shift else mask
     targets = torch.where(full_mask, targets, torch.zeros_like(targets)).long()
     if bool((targets < 0).any()) or bool((targets >= vocab).any()):
         raise ValueError(f"a completion label lies outside the vocabulary [0, {vocab}): check the tokenizer.")

@@ -65,6 +65,14 @@ def test_unshifted_labels_and_ignore_index():
     assert torch.equal(out_mask, mask) and torch.allclose(token_logps, expected)
 
 
+def test_shifted_labels_may_hold_ignore_index_outside_the_completion():
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[-100, 3, 4, 5]])  # e.g. a masked first position
+    token_logps, mask = token_logprobs(logits, labels, torch.tensor([[0, 1, 1, 1]]))
+    expected = torch.log_softmax(logits[0, :-1], -1)[torch.arange(3), labels[0, 1:]]
+    assert mask.all() and torch.allclose(token_logps[0], expected)
+
+
 class _Float32Allocations(TorchDispatchMode):
     """Records the element count of every float32 tensor an op produces (CPU stand-in for a memory peak)."""
 
