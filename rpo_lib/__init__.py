@@ -3,6 +3,8 @@
 Layout (the math knows nothing of transformers; everything else builds on it):
 
 - ``rpo_lib.bt``        Bradley-Terry preferences: probabilities, sampling, maximum-likelihood rewards.
+- ``rpo_lib.bandit``    exact bandit worlds (tabular and softmax-linear) and DPO/IPO/RLHF/RPO/HyPO on them.
+- ``rpo_lib.coverage``  coverage coefficients: global, KL-ball, linear, and Liu et al.'s partial coverage.
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
 - ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download).
@@ -19,7 +21,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bt", "env", "exercises", "logprobs", "losses", "models", "plotting"]
+__all__ = ["bandit", "bt", "coverage", "env", "exercises", "logprobs", "losses", "models", "plotting"]
 
 
 def __getattr__(name: str) -> Any:

@@ -37,6 +37,7 @@ __all__ = [
     "sample_comparisons",
     "sample_labels",
     "shift_aligned_error",
+    "weighted_mean",
 ]
 
 
@@ -59,12 +60,14 @@ def preference_probability(reward_a, reward_b) -> Tensor:
     return torch.sigmoid(reward_a - reward_b)
 
 
-def bt_loss(chosen_rewards, rejected_rewards) -> Tensor:
+def bt_loss(chosen_rewards, rejected_rewards, *, weights=None) -> Tensor:
     """BT negative log-likelihood ``-mean log s(r(y+) - r(y-))`` over a batch of preferences (math.md 1).
 
     Args:
         chosen_rewards: (N,) rewards of the preferred responses.
         rejected_rewards: (N,) rewards of the dispreferred responses.
+        weights: optional (N,) non-negative pair weights (e.g. each pair's probability under the data
+            distribution, for an exact population loss); the loss is then ``sum(w * l) / sum(w)``.
     Returns:
         A scalar tensor; differentiable in both arguments. ``log s`` is computed with ``logsigmoid``, which
         stays finite for large reward gaps where ``log(sigmoid(.))`` would underflow to ``-inf``.
@@ -76,7 +79,19 @@ def bt_loss(chosen_rewards, rejected_rewards) -> Tensor:
             f"chosen_rewards has shape {tuple(chosen.shape)} but rejected_rewards has shape "
             f"{tuple(rejected.shape)}: pass one reward of each per preference pair."
         )
-    return -F.logsigmoid(chosen - rejected).mean()
+    return weighted_mean(-F.logsigmoid(chosen - rejected), weights)
+
+
+def weighted_mean(values: Tensor, weights=None) -> Tensor:
+    """``values.mean()``, or ``sum(w * v) / sum(w)`` with checked non-negative ``weights`` of the same shape."""
+    if weights is None:
+        return values.mean()
+    weights = as_tensor(weights, "weights").to(values.dtype)
+    if weights.shape != values.shape:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}; expected {tuple(values.shape)}, one per pair.")
+    if bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError("weights must be non-negative and not all zero.")
+    return (weights * values).sum() / weights.sum()
 
 
 def min_preference_noise(reward_bound: float) -> float:

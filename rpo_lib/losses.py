@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rpo_lib._checks import check_finite, check_sequence_logps, check_token_inputs, to_float32
-from rpo_lib.bt import bt_loss
+from rpo_lib.bt import bt_loss, weighted_mean
 
 __all__ = [
     "Normalization",
@@ -103,6 +103,7 @@ def dpo_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float,
+    weights: Tensor | None = None,
 ) -> PreferenceLoss:
     """DPO: the BT loss on implicit rewards ``beta * log(pi/pi_ref)`` (Rafailov et al. 2023, eq. 7).
 
@@ -112,6 +113,8 @@ def dpo_loss(
         policy_chosen_logps, policy_rejected_logps: (B,) ``log pi_theta(y|x)`` of chosen / rejected.
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference policy.
         beta: KL strength (> 0); small beta lets the policy move further from the reference.
+        weights: optional (B,) non-negative pair weights; the loss becomes ``sum(w l) / sum(w)`` (the
+            metrics stay plain batch means). The bandit worlds use it for exact population losses.
     Returns:
         ``PreferenceLoss``. Equal log-ratios give ``loss = log 2``.
     """
@@ -121,7 +124,7 @@ def dpo_loss(
     )
     chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
     # The Z(x) of the reparameterisation cancels inside the difference, so DPO *is* the BT loss (bt.py).
-    loss = bt_loss(chosen_rewards, rejected_rewards)
+    loss = bt_loss(chosen_rewards, rejected_rewards, weights=weights)
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     metrics["loss/dpo"] = float(loss.detach())
@@ -135,20 +138,21 @@ def ipo_loss(
     ref_rejected_logps: Tensor,
     *,
     tau: float,
+    weights: Tensor | None = None,
 ) -> PreferenceLoss:
     """IPO (Azar et al. 2024): squared regression of the log-ratio gap onto ``1/(2 tau)`` (math.md 3).
 
     ``h = log pi(y+)/pi_ref(y+) - log pi(y-)/pi_ref(y-)``,  ``L = mean (h - 1/(2 tau))^2``.
 
     The loss is minimal (zero) at ``h = 1/(2 tau)`` for every pair. The reported rewards are
-    ``tau * log-ratio`` (TRL's convention, where tau is passed as beta).
+    ``tau * log-ratio`` (TRL's convention, where tau is passed as beta). ``weights`` as for ``dpo_loss``.
     """
     _check_positive(tau, "tau")
     chosen_ratio, rejected_ratio = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     gap = chosen_ratio - rejected_ratio  # h, (B,)
-    loss = (gap - 1.0 / (2.0 * tau)).pow(2).mean()
+    loss = weighted_mean((gap - 1.0 / (2.0 * tau)).pow(2), weights)
     chosen_rewards, rejected_rewards = (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
     metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     metrics["loss/ipo"] = float(loss.detach())

@@ -65,11 +65,12 @@ def test_exercise_check(capsys):
 
 
 def test_math_modules_do_not_import_transformers():
-    # The layout promise: bt, losses and logprobs are math on tensors; transformers loads only for models.
+    # The layout promise: bt, bandit, coverage, losses and logprobs are math on tensors; transformers loads only for models.
     import subprocess
     import sys
 
-    code = ("import sys, rpo_lib, rpo_lib.bt, rpo_lib.losses, rpo_lib.logprobs, rpo_lib.env, rpo_lib.exercises; "
+    code = ("import sys, rpo_lib, rpo_lib.bt, rpo_lib.losses, rpo_lib.logprobs, rpo_lib.env, rpo_lib.exercises, "
+            "rpo_lib.bandit, rpo_lib.coverage; "
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

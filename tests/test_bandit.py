@@ -1,0 +1,225 @@
+"""Every claim notebooks 02-06 make about the bandit worlds, on several seeds."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rpo_lib import bandit, losses
+
+SEEDS = [0, 1, 2]
+
+
+def _random_logps(world, seed, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = world.ref_logps.shape
+    return torch.log_softmax(scale * torch.randn(shape, generator=generator, dtype=torch.float64), dim=-1)
+
+
+# ------------------------------------------------------------------ exact quantities (notebook 02)
+def test_closed_form_maximises_the_kl_objective():
+    world = bandit.tabular_world(0, n_responses=8, n_covered=8, reward_range=2.0)
+    beta = 0.5
+    best = world.optimal_logps(beta)
+    for seed in range(20):
+        assert world.objective(_random_logps(world, seed), beta) < world.objective(best, beta)
+    # numerical optimisation of J reaches the closed form
+    policy = bandit.TabularPolicy(world)
+    optimizer = torch.optim.LBFGS(policy.parameters(), max_iter=500, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -world.objective(policy(), beta)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.allclose(policy().exp(), best.exp(), atol=1e-6)
+    # J(pi*) = beta log Z
+    log_z = torch.logsumexp(world.ref_logps + world.gold_rewards / beta, dim=-1)
+    assert world.objective(best, beta).item() == pytest.approx(beta * log_z.item())
+
+
+def test_reverse_and_forward_kl_differ_and_vanish_at_the_reference():
+    world = bandit.tabular_world(0, n_responses=10)
+    logps = _random_logps(world, 1)
+    assert world.reverse_kl(world.ref_logps).item() == pytest.approx(0.0, abs=1e-12)
+    assert world.forward_kl(world.ref_logps).item() == pytest.approx(0.0, abs=1e-12)
+    assert world.reverse_kl(logps).item() > 0 and world.forward_kl(logps).item() > 0
+    assert abs(world.reverse_kl(logps).item() - world.forward_kl(logps).item()) > 1e-3
+
+
+def test_dpo_population_minimiser_is_the_closed_form_under_full_coverage():
+    world = bandit.tabular_world(3, n_responses=6, n_covered=6, reward_range=2.0)
+    beta = 0.5
+    policy = bandit.TabularPolicy(world)
+    optimizer = torch.optim.LBFGS(policy.parameters(), max_iter=1000, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-12, tolerance_change=1e-16)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = world.population_loss(policy(), "dpo", beta=beta)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.allclose(policy().exp(), world.optimal_logps(beta).exp(), atol=1e-5)
+
+
+def test_population_loss_matches_sampled_pairs():
+    world = bandit.tabular_world(1, n_responses=6, n_covered=4)
+    logps = _random_logps(world, 2)
+    data = world.sample_data(200_000, seed=0)
+    ref = world.ref_logps
+    sampled = losses.dpo_loss(logps[0, data.chosen], logps[0, data.rejected], ref[0, data.chosen],
+                              ref[0, data.rejected], beta=0.3).loss
+    assert world.population_loss(logps, beta=0.3).item() == pytest.approx(sampled.item(), rel=0.01)
+
+
+def test_weighted_dpo_equals_repeated_pairs():
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    ref = torch.tensor([-1.2, -1.2])
+    weighted = losses.dpo_loss(chosen, rejected, ref, ref, beta=0.5, weights=torch.tensor([3.0, 1.0])).loss
+    repeated = losses.dpo_loss(chosen[[0, 0, 0, 1]], rejected[[0, 0, 0, 1]], ref[[0, 0, 0, 1]],
+                               ref[[0, 0, 0, 1]], beta=0.5).loss
+    assert torch.isclose(weighted, repeated)
+    with pytest.raises(ValueError, match="weights"):
+        losses.dpo_loss(chosen, rejected, ref, ref, beta=0.5, weights=torch.tensor([-1.0, 1.0]))
+
+
+# ------------------------------------------------------------------ Prop. 4.1 and Lemma 4.1 (notebook 04)
+def _prop41_policy(world, beta, y3_mass):
+    """The right y1:y2 ratio for DPO, any mass on the uncovered y3."""
+    best = world.optimal_logps(beta).exp()[0]
+    covered = best[:2] / best[:2].sum() * (1 - y3_mass)
+    return torch.cat([covered, torch.tensor([y3_mass], dtype=torch.float64)]).log()[None]
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-4, 1e-8])
+def test_dpo_loss_is_flat_while_the_uncovered_mass_and_kl_grow(eps):
+    world, beta = bandit.three_response_world(eps), 0.5
+    minimiser = _prop41_policy(world, beta, float(world.optimal_logps(beta).exp()[0, 2]))
+    half = _prop41_policy(world, beta, 0.5)
+    assert world.population_loss(half, beta=beta).item() == pytest.approx(
+        world.population_loss(minimiser, beta=beta).item(), abs=1e-12)
+    assert world.population_loss(half, "ipo", tau=0.5).item() == pytest.approx(
+        world.population_loss(minimiser, "ipo", tau=0.5).item(), abs=1e-12)
+    # coarse-graining {y1, y2} vs {y3} (data processing): KL >= 1/2 log(1/(4 eps (1 - eps))) ~ 1/2 log(1/eps)
+    lower = 0.5 * math.log(1 / (4 * eps * (1 - eps)))
+    assert world.reverse_kl(half).item() >= lower
+    gap = world.objective(world.optimal_logps(beta), beta) - world.objective(half, beta)
+    assert gap.item() >= beta * lower - 1.0
+
+
+def test_objective_gap_of_the_dpo_minimiser_set_is_unbounded():
+    gaps = []
+    for eps in (1e-2, 1e-4, 1e-8, 1e-16):
+        world, beta = bandit.three_response_world(eps), 0.5
+        gaps.append((world.objective(world.optimal_logps(beta), beta)
+                     - world.objective(_prop41_policy(world, beta, 0.5), beta)).item())
+    assert all(b > a + 1 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rlhf_kl_stays_below_two_r_over_beta_lemma_4_1(seed):
+    generator = torch.Generator().manual_seed(seed)
+    for eps in (1e-2, 1e-8, 1e-30):
+        world = bandit.three_response_world(eps)
+        for bound in (0.5, 2.0):
+            for beta in (0.1, 1.0):
+                reward = (torch.rand(1, 3, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+                reward[0, 2] = bound  # the worst case: the uncovered response gets the largest reward
+                kl = world.reverse_kl(world.optimal_logps(beta, rewards=reward)).item()
+                assert kl <= 2 * bound / beta + 1e-12
+
+
+def test_trained_rlhf_with_bounded_reward_respects_lemma_4_1():
+    world = bandit.hidden_flaw_world(0)
+    config = bandit.BanditConfig(steps=300, lr=0.5, beta=0.1, reward_bound=0.5)
+    history = bandit.train(world, world.sample_data(5000, seed=0), "rlhf", config)
+    assert history["reverse_kl"].max() <= 2 * 0.5 / 0.1
+
+
+# ------------------------------------------------------------------ section 6.1 (notebook 04)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("method", ["dpo", "rlhf"])
+def test_with_features_dpo_and_rlhf_lower_preferred_and_raise_best(method, seed):
+    history = bandit.extrapolation_experiment(method, True, seed)
+    assert history["logp_preferred"][-1] < history["logp_preferred"][0] - 1.0
+    assert history["logp_best"][-1] > history["logp_best"][0] + 2.0
+    assert history["gold_reward"][-1] > history["gold_reward"][0] + 2.0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tabular_dpo_never_moves_uncovered_logits_and_their_mass_falls(seed):
+    world = bandit.tabular_world(seed)
+    policy = bandit.TabularPolicy(world)
+    history = bandit.train(world, world.sample_data(10_000, seed=seed), "dpo",
+                           bandit.default_config("tabular", "dpo"), policy=policy)
+    # zero up to float64 rounding: the gradient on an uncovered logit is pi_u * (g - g) for each pair
+    assert policy.delta[~world.covered].abs().max().item() < 1e-10
+    assert history["ood_mass"][-1] < 0.3 < 0.5 == pytest.approx(history["ood_mass"][0])
+    # the covered logits keep their sum under plain SGD (each pair adds +g and -g)
+    assert policy.delta[world.covered].sum().item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_one_extrapolation_call_takes_under_twenty_seconds():
+    start = time.perf_counter()
+    history = bandit.extrapolation_experiment("hypo", False, 0)
+    assert time.perf_counter() - start < 20
+    assert set(history) >= {"step", "logp_preferred", "logp_best", "ood_mass", "reverse_kl", "gold_reward"}
+    assert all(isinstance(v, np.ndarray) and v.shape == history["step"].shape for v in history.values())
+
+
+def test_experiments_are_deterministic():
+    first = bandit.experiment("hidden_flaw", "hypo", 4, steps=50)
+    second = bandit.experiment("hidden_flaw", "hypo", 4, steps=50)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+# ------------------------------------------------------------------ the shared-parameter failure (04, 05, 06)
+@pytest.fixture(scope="module")
+def hidden_flaw_runs():
+    return {(m, s): bandit.experiment("hidden_flaw", m, s) for m in ("dpo", "rpo", "hypo") for s in SEEDS}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dpo_moves_mass_onto_flawed_uncovered_responses(hidden_flaw_runs, seed):
+    dpo = hidden_flaw_runs["dpo", seed]
+    assert dpo["ood_mass"][0] == pytest.approx(0.02)
+    assert dpo["ood_mass"][-1] > 0.8
+    assert dpo["gold_reward"][-1] < dpo["gold_reward"][0] - 2.0
+    # overoptimisation: gold reward first rises, then falls while the KL keeps growing
+    assert dpo["gold_reward"].max() > dpo["gold_reward"][0]
+    assert np.all(np.diff(dpo["reverse_kl"]) > -1e-3)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("method", ["rpo", "hypo"])
+def test_rpo_and_hypo_protect_uncovered_mass_and_gold_reward(hidden_flaw_runs, method, seed):
+    dpo, other = hidden_flaw_runs["dpo", seed], hidden_flaw_runs[method, seed]
+    assert other["ood_mass"][-1] < 0.1 < dpo["ood_mass"][-1]
+    assert other["gold_reward"][-1] > dpo["gold_reward"][-1] + 3.0
+    assert other["gold_reward"][-1] > other["gold_reward"][0]
+    assert other["reverse_kl"][-1] < dpo["reverse_kl"][-1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rpo_keeps_chosen_logprob_where_dpo_lowers_it(hidden_flaw_runs, seed):
+    dpo, rpo = hidden_flaw_runs["dpo", seed], hidden_flaw_runs["rpo", seed]
+    assert dpo["logp_chosen"][-1] < dpo["logp_chosen"][0] - 3.0
+    assert rpo["logp_chosen"][-1] > rpo["logp_chosen"][0] - 1.0
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="method must be one of"):
+        bandit.experiment("linear", "ppo", 0)
+    with pytest.raises(ValueError, match="world must be one of"):
+        bandit.experiment("mountain", "dpo", 0)
+    with pytest.raises(ValueError, match="no features"):
+        bandit.LinearPolicy(bandit.tabular_world(0))
+    with pytest.raises(ValueError, match="normalised"):
+        bandit.BanditWorld(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
