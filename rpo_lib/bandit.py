@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable, Iterable, Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ __all__ = [
     "kl_gradient_estimates",
     "linear_world",
     "make_policy",
+    "prop41_policy",
     "tabular_world",
     "three_response_world",
     "train",
@@ -163,6 +165,40 @@ class BanditWorld:
         label_probs = torch.sigmoid(self.gold_rewards.unsqueeze(2) - self.gold_rewards.unsqueeze(1))
         return weights, label_probs
 
+    @cached_property
+    def _population_pairs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every (prompt, chosen, rejected) the data can show, with its probability: four (P,) tensors."""
+        weights, label_probs = self.pair_distribution()
+        x, a, b = torch.nonzero(weights > 0, as_tuple=True)
+        w = weights[x, a, b]
+        pair_weights = torch.cat([w * label_probs[x, a, b], w * (1 - label_probs[x, a, b])])
+        return torch.cat([x, x]), torch.cat([a, b]), torch.cat([b, a]), pair_weights
+
+    def population_bt_loss(self, rewards: Tensor) -> Tensor:
+        """The BT loss ``L_D(r)`` of a reward table (X, Y) with infinitely many pairs from mu (``bt.bt_loss``)."""
+        prompt, chosen, rejected, weights = self._population_pairs
+        return bt.bt_loss(rewards[prompt, chosen], rewards[prompt, rejected], weights=weights)
+
+    @cached_property
+    def chosen_distribution(self) -> Tensor:
+        """(X, Y): the probability that a data pair at x has chosen response y; RPO's ``pi_base``."""
+        prompt, chosen, _, weights = self._population_pairs
+        table = torch.zeros_like(self.gold_rewards).index_put_((prompt, chosen), weights, accumulate=True)
+        return table / table.sum(-1, keepdim=True)
+
+    def maximin_objective(self, logps: Tensor, rewards: Tensor, *, eta: float, beta: float,
+                          base_probs: Tensor | None = None) -> Tensor:
+        """RPO's maximin objective (Liu et al., math.md 6), exactly:
+
+        ``phi(pi, r) = eta * L_D(r) + E_x[E_pi r - E_base r] - beta * KL(pi || pi_ref)``.
+
+        The policy maximises it, the adversarial reward minimises it. ``base_probs`` (X, Y) defaults to the
+        chosen responses' distribution (``chosen_distribution``, computed once).
+        """
+        base = self.chosen_distribution if base_probs is None else base_probs
+        gap = ((logps.exp() - base) * rewards).sum(-1)  # (X,)
+        return eta * self.population_bt_loss(rewards) + self._average(gap) - beta * self.reverse_kl(logps)
+
     def population_loss(self, logps: Tensor, method: Literal["dpo", "ipo"] = "dpo", *, beta: float = 0.1,
                         tau: float = 0.1) -> Tensor:
         """The DPO (or IPO) loss with infinitely many pairs from ``mu``, exactly (``rpo_lib.losses``).
@@ -171,13 +207,7 @@ class BanditWorld:
         with weight ``w * P(a > b)`` and the other way round. Responses outside the data's support never
         enter: this is the loss whose minimiser set Prop. 4.1 is about.
         """
-        weights, label_probs = self.pair_distribution()
-        x, a, b = torch.nonzero(weights > 0, as_tuple=True)
-        w = weights[x, a, b]
-        chosen = torch.cat([a, b])
-        rejected = torch.cat([b, a])
-        prompt = torch.cat([x, x])
-        pair_weights = torch.cat([w * label_probs[x, a, b], w * (1 - label_probs[x, a, b])])
+        prompt, chosen, rejected, pair_weights = self._population_pairs
         args = (logps[prompt, chosen], logps[prompt, rejected], self.ref_logps[prompt, chosen],
                 self.ref_logps[prompt, rejected])
         if method == "dpo":
@@ -296,6 +326,18 @@ def three_response_world(eps: float, *, gold_rewards: tuple[float, float, float]
         data_probs=torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64),
         prompt_probs=torch.ones(1, dtype=torch.float64), name=f"prop4.1 eps={eps:g}",
     )
+
+
+def prop41_policy(world: BanditWorld, beta: float, y3_mass: float) -> Tensor:
+    """A member of the DPO minimiser family of Prop. 4.1 in ``three_response_world``: pi*'s y1:y2 ratio (which
+    is all the DPO loss sees) and mass ``y3_mass`` on the uncovered y3. Returns (1, 3) log-probabilities."""
+    if world.n_responses != 3 or world.n_prompts != 1:
+        raise ValueError("prop41_policy needs the three-response world: use three_response_world(eps).")
+    if not 0 <= y3_mass < 1:
+        raise ValueError(f"y3_mass must be in [0, 1); got {y3_mass}.")
+    best = world.optimal_logps(beta).exp()[0]
+    covered = best[:2] / best[:2].sum() * (1 - y3_mass)
+    return torch.cat([covered, covered.new_tensor([y3_mass])]).log()[None]
 
 
 WORLDS: dict[str, Callable[[int], BanditWorld]] = {

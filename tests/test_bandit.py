@@ -91,18 +91,11 @@ def test_weighted_dpo_equals_repeated_pairs():
 
 
 # ------------------------------------------------------------------ Prop. 4.1 and Lemma 4.1 (notebook 04)
-def _prop41_policy(world, beta, y3_mass):
-    """The right y1:y2 ratio for DPO, any mass on the uncovered y3."""
-    best = world.optimal_logps(beta).exp()[0]
-    covered = best[:2] / best[:2].sum() * (1 - y3_mass)
-    return torch.cat([covered, torch.tensor([y3_mass], dtype=torch.float64)]).log()[None]
-
-
 @pytest.mark.parametrize("eps", [1e-2, 1e-4, 1e-8])
 def test_dpo_loss_is_flat_while_the_uncovered_mass_and_kl_grow(eps):
     world, beta = bandit.three_response_world(eps), 0.5
-    minimiser = _prop41_policy(world, beta, float(world.optimal_logps(beta).exp()[0, 2]))
-    half = _prop41_policy(world, beta, 0.5)
+    minimiser = bandit.prop41_policy(world, beta, float(world.optimal_logps(beta).exp()[0, 2]))
+    half = bandit.prop41_policy(world, beta, 0.5)
     assert world.population_loss(half, beta=beta).item() == pytest.approx(
         world.population_loss(minimiser, beta=beta).item(), abs=1e-12)
     assert world.population_loss(half, "ipo", tau=0.5).item() == pytest.approx(
@@ -119,7 +112,7 @@ def test_objective_gap_of_the_dpo_minimiser_set_is_unbounded():
     for eps in (1e-2, 1e-4, 1e-8, 1e-16):
         world, beta = bandit.three_response_world(eps), 0.5
         gaps.append((world.objective(world.optimal_logps(beta), beta)
-                     - world.objective(_prop41_policy(world, beta, 0.5), beta)).item())
+                     - world.objective(bandit.prop41_policy(world, beta, 0.5), beta)).item())
     assert all(b > a + 1 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
 
 
@@ -223,3 +216,33 @@ def test_errors_name_the_fix():
         bandit.LinearPolicy(bandit.tabular_world(0))
     with pytest.raises(ValueError, match="normalised"):
         bandit.BanditWorld(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
+
+
+# ------------------------------------------------------------------ RPO's maximin objective (notebook 05)
+def test_population_dpo_is_population_bt_on_implicit_rewards():
+    world = bandit.tabular_world(2, n_responses=7, n_covered=5)
+    logps = _random_logps(world, 3)
+    implicit = 0.4 * (logps - world.ref_logps)
+    assert world.population_loss(logps, beta=0.4).item() == pytest.approx(world.population_bt_loss(implicit).item())
+    base = world.chosen_distribution
+    assert base.sum().item() == pytest.approx(1.0)
+    assert (base[~world.covered] == 0).all()
+
+
+def test_maximin_inner_max_is_the_closed_form_and_reparameterisation_gives_dpo_plus_sft():
+    world = bandit.three_response_world(0.05)
+    beta, eta = 0.5, 2.0
+    generator = torch.Generator().manual_seed(0)
+    reward = torch.randn(1, 3, generator=generator, dtype=torch.float64)
+    best = world.optimal_logps(beta, rewards=reward)
+    value = world.maximin_objective(best, reward, eta=eta, beta=beta)
+    for seed in range(10):
+        assert world.maximin_objective(_random_logps(world, seed), reward, eta=eta, beta=beta) <= value
+    # with r = beta log(pi_theta/pi_ref), the max over pi equals eta L_DPO(theta) - beta E_base log pi_theta + const
+    theta = _random_logps(world, 5)
+    r_theta = beta * (theta - world.ref_logps)
+    inner_max = world.maximin_objective(world.optimal_logps(beta, rewards=r_theta), r_theta, eta=eta, beta=beta)
+    base = world.chosen_distribution
+    reparameterised = (eta * world.population_loss(theta, beta=beta) - beta * (base * theta).sum()
+                       + beta * (base * world.ref_logps).sum())
+    assert inner_max.item() == pytest.approx(reparameterised.item(), abs=1e-12)
