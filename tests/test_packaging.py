@@ -65,7 +65,8 @@ def test_exercise_check(capsys):
 
 
 def test_math_modules_do_not_import_transformers():
-    # The layout promise: bt, bandit, coverage, losses and logprobs are math on tensors; transformers loads only for models.
+    # The layout promise: bt, bandit, coverage, losses and logprobs are math on tensors; transformers loads
+    # only for models.
     import subprocess
     import sys
 
