@@ -16,6 +16,7 @@ preference data never shows: coverage is a knob), and optionally feature vectors
 - Worlds: ``linear_world`` and ``tabular_world`` (Song et al. section 6.1), ``hidden_flaw_world`` (partial
   coverage in the linear sense: DPO moves mass onto responses the data never shows), ``three_response_world``
   (the construction of Song et al. Prop. 4.1).
+- ``solve_min_max`` / ``solve_max_min``: RPO's maximin objective solved in both orders (notebook 05).
 - ``experiment`` / ``extrapolation_experiment``: one call builds a world, samples its data, trains a method
   and returns the curves as numpy arrays.
 - ``kl_gradient_estimates``: per-prompt REINFORCE / RLOO estimates of ``grad KL(pi || pi_ref)`` for a policy
@@ -54,6 +55,8 @@ __all__ = [
     "linear_world",
     "make_policy",
     "prop41_policy",
+    "solve_max_min",
+    "solve_min_max",
     "tabular_world",
     "three_response_world",
     "train",
@@ -565,12 +568,82 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
     return {key: np.asarray(values) for key, values in history.items()}
 
 
+# --------------------------------------------------------------------------- RPO's maximin, solved both ways
+def _project(reward: Tensor, bound: float) -> None:
+    with torch.no_grad():
+        reward.clamp_(-bound, bound)
+
+
+def solve_min_max(world: BanditWorld, *, eta: float, beta: float, reward_bound: float, steps: int = 4000,
+                  lr: float = 0.02) -> tuple[float, Tensor, Tensor]:
+    """``min_r max_pi maximin_objective`` over rewards in ``[-reward_bound, reward_bound]``.
+
+    The inner maximum is the closed form ``pi_r ∝ pi_ref exp(r/beta)`` (math.md 2); the outer minimisation is
+    projected Adam on the (convex) result. Returns ``(value, reward, logps)``: the value, the adversary's
+    reward (X, Y) and the policy ``pi_r`` (X, Y) at the solution.
+    """
+    reward = torch.zeros_like(world.gold_rewards, requires_grad=True)
+    optimizer = torch.optim.Adam([reward], lr=lr)
+    for _ in range(steps):
+        value = world.maximin_objective(world.optimal_logps(beta, rewards=reward), reward, eta=eta, beta=beta)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        _project(reward, reward_bound)
+    reward = reward.detach()
+    logps = world.optimal_logps(beta, rewards=reward)
+    return float(world.maximin_objective(logps, reward, eta=eta, beta=beta)), reward, logps
+
+
+def solve_max_min(world: BanditWorld, *, eta: float, beta: float, reward_bound: float, steps: int = 1500,
+                  inner_steps: int = 5, final_inner_steps: int = 3000, lr: float = 0.05,
+                  progress: bool = False) -> tuple[float, Tensor, Tensor]:
+    """``max_pi min_r maximin_objective`` by gradient ascent on the policy, without using the closed form.
+
+    Each policy step first moves the adversary ``inner_steps`` projected-Adam steps towards its minimum
+    (warm-started), then takes an ascent step with the adversary's reward held fixed: by Danskin's theorem
+    that is the gradient of ``min_r``. At the end the inner minimum is solved to convergence for the final
+    policy. Returns ``(value, reward, logps)`` like ``solve_min_max``.
+    """
+    theta = torch.zeros_like(world.ref_logps, requires_grad=True)
+    reward = torch.zeros_like(world.gold_rewards, requires_grad=True)
+    policy_optimizer = torch.optim.Adam([theta], lr=lr)
+    reward_optimizer = torch.optim.Adam([reward], lr=lr)
+
+    def adversary(logps: Tensor, n: int) -> None:
+        for _ in range(n):
+            value = world.maximin_objective(logps.detach(), reward, eta=eta, beta=beta)
+            reward_optimizer.zero_grad()
+            value.backward()
+            reward_optimizer.step()
+            _project(reward, reward_bound)
+
+    outer: Iterable[int] = range(steps)
+    if progress:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        outer = tqdm(outer, desc="max-min", leave=False)
+    for _ in outer:
+        logps = torch.log_softmax(world.ref_logps + theta, dim=-1)
+        adversary(logps, inner_steps)
+        value = -world.maximin_objective(logps, reward.detach(), eta=eta, beta=beta)
+        policy_optimizer.zero_grad()
+        value.backward()
+        policy_optimizer.step()
+    logps = torch.log_softmax(world.ref_logps + theta, dim=-1).detach()
+    adversary(logps, final_inner_steps)
+    reward = reward.detach()
+    return float(world.maximin_objective(logps, reward, eta=eta, beta=beta)), reward, logps
+
+
 # ------------------------------------------------------------------------------------------- experiments
 def default_config(world: str, method: Method) -> BanditConfig:
     """The hyper-parameters of ``experiment`` for a world and method (stated, not tuned per seed).
 
     All worlds: SGD, batch 64, beta 0.1 (DPO, RPO, HyPO and RLHF's objective), tau 0.1 for IPO,
     RPO eta 0.1 on the summed (= one-token) NLL, HyPO lambda 0.05 with k = 2 online samples per prompt.
+    Steps: 5000 in the tabular world (the paper's "5000 iterations"), 1500 with features (the paper does not
+    say; the curves have settled by then).
     RLHF: ridge 1e-4 on the reward fit, exact gradient ascent. Learning rates: 0.05 with features, 1.0 for
     the tabular world (whose logits need to travel further), RLHF 0.5.
     """
@@ -581,7 +654,7 @@ def default_config(world: str, method: Method) -> BanditConfig:
     tabular = world == "tabular"
     lr = {"dpo": 1.0 if tabular else 2.0, "rpo": 1.0 if tabular else 2.0, "hypo": 1.0 if tabular else 2.0,
           "ipo": 0.1 if tabular else 0.2, "rlhf": 0.5}[method]
-    return BanditConfig(steps=2000 if tabular else 1500, lr=lr)
+    return BanditConfig(steps=5000 if tabular else 1500, lr=lr)
 
 
 def experiment(world: str, method: Method, seed: int = 0, steps: int | None = None, *, n_pairs: int = 10_000,

@@ -2,6 +2,7 @@
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,3 +247,61 @@ def test_maximin_inner_max_is_the_closed_form_and_reparameterisation_gives_dpo_p
     reparameterised = (eta * world.population_loss(theta, beta=beta) - beta * (base * theta).sum()
                        + beta * (base * world.ref_logps).sum())
     assert inner_max.item() == pytest.approx(reparameterised.item(), abs=1e-12)
+
+
+def test_max_min_equals_min_max_and_the_adversary_floors_the_uncovered_reward():
+    world = bandit.three_response_world(0.05, gold_rewards=(1.0, 0.0, 0.5))
+    min_max, _, minmax_policy = bandit.solve_min_max(world, eta=1.0, beta=0.5, reward_bound=3.0)
+    max_min, reward, maximin_policy = bandit.solve_max_min(world, eta=1.0, beta=0.5, reward_bound=3.0)
+    assert abs(max_min - min_max) < 2e-3
+    assert torch.allclose(maximin_policy.exp(), minmax_policy.exp(), atol=2e-3)
+    assert reward[0, 2].item() == pytest.approx(-3.0)           # pessimism where the data are silent
+    assert maximin_policy.exp()[0, 2] < world.ref_logps.exp()[0, 2]
+
+
+# ------------------------------------------------------------------ notebooks 05 and 06: the remaining claims
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dpo_implicit_reward_is_right_on_the_data_and_wrong_off_it(seed):
+    world = bandit.hidden_flaw_world(seed)
+    policy = bandit.make_policy(world)
+    config = bandit.default_config("hidden_flaw", "dpo")
+    bandit.train(world, world.sample_data(10_000, seed=seed), "dpo", config, policy=policy)
+    implicit = (config.beta * (policy().detach() - world.ref_logps))[0]
+    gold, covered = world.gold_rewards[0], world.covered[0]
+    implicit, gold = implicit - implicit[covered].mean(), gold - gold[covered].mean()
+    error_in = (implicit[covered] - gold[covered]).abs().mean()
+    error_out = (implicit[~covered] - gold[~covered]).abs().mean()
+    assert error_out > 3 * error_in
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_eta_trades_protection_against_extrapolation(seed):
+    def final_gold(world, eta):
+        config = replace(bandit.default_config(world, "rpo"), eta=eta)
+        return bandit.experiment(world, "rpo", seed, config=config)["gold_reward"][-1]
+
+    flaw = {eta: final_gold("hidden_flaw", eta) for eta in (0.0, 0.01, 1.0)}
+    assert flaw[0.01] > flaw[0.0] + 3 and flaw[1.0] > flaw[0.0] + 3
+    assert final_gold("linear", 1.0) < final_gold("linear", 0.0) - 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hypo_lambda_is_a_kl_budget(seed):
+    finals = [bandit.experiment("hidden_flaw", "hypo", seed,
+                                config=replace(bandit.default_config("hidden_flaw", "hypo"), lam=lam))["reverse_kl"][-1]
+              for lam in (0.0, 0.01, 0.1)]
+    assert finals[0] > finals[1] > finals[2]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hypo_keeps_kl_far_below_dpo_on_the_hidden_flaw_world(hidden_flaw_runs, seed):
+    assert hidden_flaw_runs["hypo", seed]["reverse_kl"][-1] < 0.2 * hidden_flaw_runs["dpo", seed]["reverse_kl"][-1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tabular_unseen_mass_hypo_stays_near_reference_dpo_and_rpo_lower_it(seed):
+    runs = {m: bandit.experiment("tabular", m, seed) for m in ("dpo", "rpo", "hypo")}
+    assert runs["hypo"]["ood_mass"][-1] > 0.3
+    assert runs["dpo"]["ood_mass"][-1] < 0.05 and runs["rpo"]["ood_mass"][-1] < 0.1
+    assert runs["rpo"]["ood_mass"][10] < runs["dpo"]["ood_mass"][10]  # RPO lowers it faster early on
+    assert runs["dpo"]["gold_reward"][-1] > max(runs["rpo"]["gold_reward"][-1], runs["hypo"]["gold_reward"][-1])
