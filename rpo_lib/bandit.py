@@ -50,6 +50,7 @@ __all__ = [
     "default_config",
     "experiment",
     "extrapolation_experiment",
+    "fit_reward_model",
     "hidden_flaw_world",
     "kl_gradient_estimates",
     "linear_world",
@@ -505,10 +506,10 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
         reward_model = fit_reward_model(world, data, l2=config.reward_l2, bound=config.reward_bound,
                                         function_approximation=isinstance(policy, LinearPolicy))
 
-    def step_loss(logps: Tensor) -> tuple[Tensor, dict]:
+    def step_loss(logps: Tensor) -> Tensor:
         if method == "rlhf":
             assert reward_model is not None
-            return -world.objective(logps, config.beta, rewards=reward_model), {}
+            return -world.objective(logps, config.beta, rewards=reward_model)
         rows = torch.randint(len(data), (config.batch_size,), generator=generator)
         x, chosen, rejected = data.prompt[rows], data.chosen[rows], data.rejected[rows]
         args = (logps[x, chosen], logps[x, rejected], ref[x, chosen], ref[x, rejected])
@@ -528,7 +529,7 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
             rows_x = prompts.unsqueeze(1).expand_as(samples)
             out = losses.hypo_loss(*args, logps[rows_x, samples], ref[rows_x, samples], beta=config.beta,
                                    lam=config.lam)
-        return out.loss, out.metrics
+        return out.loss
 
     logged = set(_logged_steps(config.steps, config.n_logged))
     history: dict[str, list[float]] = {key: [] for key in (
@@ -557,7 +558,7 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
         steps = tqdm(steps, desc=method, leave=False)
     for step in steps:
         logps = policy()
-        loss, _ = step_loss(logps)
+        loss = step_loss(logps)
         if step in logged:
             log(step, logps, float(loss.detach()))
         if step == config.steps:
