@@ -159,7 +159,8 @@ def ipo_loss(
     return PreferenceLoss(loss, chosen_rewards, rejected_rewards, metrics)
 
 
-def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization = "seq_mean") -> Tensor:
+def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization = "seq_mean",
+             token_count: float | None = None) -> Tensor:
     """Negative log-likelihood of (chosen) completions, with the normalisation made explicit.
 
     Args:
@@ -171,6 +172,9 @@ def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization 
             - ``"seq_mean"``: ``mean_b( -(1/n_b) sum_t log p )``; every sequence weighs the same.
             - ``"token_mean"``: ``-(sum_{b,t} log p) / (sum_b n_b)``; every token weighs the same, so long
               sequences weigh more.
+        token_count: ``"token_mean"`` only: divide by this many tokens instead of this batch's own count.
+            Gradient accumulation passes the whole batch's count (scaled to this micro-batch's share of the
+            pairs), so that the accumulated gradient equals the full batch's; TRL's ``num_items_in_batch``.
     Returns:
         A scalar float32 tensor.
     """
@@ -186,6 +190,10 @@ def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization 
     lengths = mask.sum(dim=1).to(masked.dtype)  # (B,), all >= 1 after the check
     if normalization == "seq_mean":
         return -(per_sequence / lengths).mean()
+    if token_count is not None:
+        if not token_count > 0:
+            raise ValueError(f"token_count must be > 0 (the number of completion tokens); got {token_count}.")
+        return -per_sequence.sum() / token_count
     return -per_sequence.sum() / lengths.sum()
 
 
@@ -227,6 +235,7 @@ def rpo_loss(
     eta: float,
     normalization: Normalization = "seq_mean",
     scale_by_beta: bool = False,
+    token_count: float | None = None,
 ) -> PreferenceLoss:
     """RPO (Liu et al. 2024): DPO plus an SFT loss on the chosen responses (math.md section 6).
 
@@ -252,6 +261,7 @@ def rpo_loss(
         chosen_token_logps: (B, T) per-token log-probs of the chosen completions under the policy.
         chosen_mask: (B, T) completion mask of the chosen responses.
         beta: DPO's beta (> 0). eta: weight of the SFT term (>= 0; 0 gives DPO).
+        token_count: passed to ``sft_loss`` (``"token_mean"`` under gradient accumulation).
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0 turns RPO into DPO); got {eta}.")
@@ -262,7 +272,7 @@ def rpo_loss(
             f"chosen_token_logps has {chosen_token_logps.shape[0]} rows but the batch has "
             f"{policy_chosen_logps.shape[0]} pairs: pass the chosen responses' token log-probs."
         )
-    sft = sft_loss(chosen_token_logps, chosen_mask, normalization=normalization)
+    sft = sft_loss(chosen_token_logps, chosen_mask, normalization=normalization, token_count=token_count)
     weight = eta * (beta if scale_by_beta else 1.0)
     loss = dpo.loss + weight * sft
     metrics = dict(dpo.metrics)

@@ -1,0 +1,366 @@
+"""A language task with a known gold reward: "topic lists", small enough to train on a CPU in minutes.
+
+A prompt names one or two topics (``"fruit animal:"``); a response is a list of words (``"apple cat pear"``).
+The gold reward of *any* response text, including ones no model or dataset has produced, is a sum over its
+words (``TopicTask.gold_reward``):
+
+=================================================== =======
+word                                                 reward
+=================================================== =======
+a word of one of the prompt's topics (first time)       +1
+the same word again                                      0
+a word of another topic                                 -1
+the prompt topic's *decoy* word                         -4
+anything else (a malformed word)                        -2
+every word after the 8th                                -1 more
+=================================================== =======
+
+The decoys are the task's coverage knob. Each topic has one, a word the reference policy says on that topic,
+rarely (``p_decoy`` per word), and that the gold reward punishes hard: think of a fluent, on-topic answer
+that a rater knows to be wrong. ``preference_rows(..., decoy_coverage=0.0)`` drops every pair in which a
+decoy appears, so the data never show the decoys' region of the response space: the language-model version
+of the bandit's hidden flaw (``rpo_lib.bandit.hidden_flaw_world``), partial coverage in Song et al.'s sense.
+``decoy_coverage=1.0`` keeps them (and the BT labels then teach that decoys are bad).
+
+The pipeline, each step one function:
+
+1. ``reference_corpus``: prompt/completion rows from a known generator (pure Python, seeded).
+2. ``train_tokenizer``: a byte-pair-encoding tokenizer trained on that corpus, wrapped as a Hugging Face
+   ``PreTrainedTokenizerFast`` (``save_pretrained`` / ``AutoTokenizer.from_pretrained`` work as for any model).
+3. ``reference_model`` + ``rpo_lib.train`` with ``method="sft"``: the reference policy ``pi_ref``.
+4. ``preference_rows``: pairs sampled from ``pi_ref``, labelled by Bradley-Terry under the gold reward.
+5. ``TopicTask.evaluator``: gold reward, KL to the reference and decoy mass of a policy's own samples, which
+   the trainer logs while it trains.
+
+``scripts/make_gold_task_data.py`` runs 1-4 with a fixed seed and writes ``data/gold_task/`` with checksums.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    from rpo_lib.data import DataReport
+
+__all__ = ["TopicTask", "WordCounts", "reference_corpus", "reference_model", "train_tokenizer",
+           "preference_rows"]
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+_TOPICS: dict[str, tuple[str, ...]] = {
+    "fruit": ("apple", "pear", "plum", "grape", "lemon", "mango"),
+    "animal": ("cat", "dog", "horse", "mouse", "sheep", "tiger"),
+    "color": ("red", "blue", "green", "black", "white", "pink"),
+    "tool": ("hammer", "saw", "drill", "wrench", "ruler", "spade"),
+}
+_DECOYS: dict[str, str] = {"fruit": "rotten", "animal": "rabid", "color": "stain", "tool": "broken"}
+
+
+@dataclass(frozen=True)
+class WordCounts:
+    """What a response is made of, word by word (see ``TopicTask.classify``)."""
+
+    on_topic: int = 0
+    repeated: int = 0
+    off_topic: int = 0
+    decoy: int = 0
+    malformed: int = 0
+    rambling: int = 0  # words after the ``max_words``-th
+
+    @property
+    def words(self) -> int:
+        return self.on_topic + self.repeated + self.off_topic + self.decoy + self.malformed
+
+
+@dataclass(frozen=True)
+class TopicTask:
+    """The topic-list task: lexicon, reference generator and gold reward (see the module docstring).
+
+    Attributes:
+        topics: topic name -> its good words.
+        decoys: topic name -> its decoy word (the part of the response space the data may never show).
+        p_on_topic, p_decoy: per-word probabilities of the reference generator; the rest is off-topic.
+        min_words, max_ref_words: the generator's response lengths (uniform).
+        max_words: words after this many cost ``rambling`` each (no reference response is that long).
+        on_topic ... rambling: the gold reward's per-word values.
+    """
+
+    topics: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(_TOPICS))
+    decoys: dict[str, str] = field(default_factory=lambda: dict(_DECOYS))
+    p_on_topic: float = 0.5
+    p_decoy: float = 0.03
+    min_words: int = 2
+    max_ref_words: int = 6
+    max_words: int = 8
+    on_topic: float = 1.0
+    repeated: float = 0.0
+    off_topic: float = -1.0
+    decoy: float = -4.0
+    malformed: float = -2.0
+    rambling: float = -1.0
+
+    def __post_init__(self) -> None:
+        if set(self.decoys) != set(self.topics):
+            raise ValueError("every topic needs exactly one decoy word: decoys and topics must have the same keys.")
+        if not (self.p_decoy >= 0 and self.p_on_topic >= 0 and self.p_on_topic + self.p_decoy <= 1):
+            raise ValueError(f"p_on_topic + p_decoy must lie in [0, 1]; got {self.p_on_topic} + {self.p_decoy}.")
+
+    # ----------------------------------------------------------------------------------------- prompts
+    @property
+    def prompts(self) -> list[str]:
+        """Every prompt: each topic alone, then each pair of topics (10 with the default four topics)."""
+        names = list(self.topics)
+        groups = [(name,) for name in names] + list(combinations(names, 2))
+        return [self.format_prompt(group) for group in groups]
+
+    @staticmethod
+    def format_prompt(topics: Sequence[str]) -> str:
+        return " ".join(topics) + ":"
+
+    def prompt_topics(self, prompt: str) -> tuple[str, ...]:
+        """The topics a prompt names; ``ValueError`` for a prompt this task does not have."""
+        names = tuple(prompt.strip().rstrip(":").split())
+        if not names or any(name not in self.topics for name in names):
+            raise ValueError(f"{prompt!r} is not a prompt of this task; prompts look like {self.prompts[4]!r}.")
+        return names
+
+    # ------------------------------------------------------------------------------------ gold reward
+    def classify(self, prompt: str, response: str) -> WordCounts:
+        """Count the kinds of words in ``response`` (whitespace-separated) for ``prompt``."""
+        topics = self.prompt_topics(prompt)
+        wanted = {word for name in topics for word in self.topics[name]}
+        others = {word for name, words in self.topics.items() if name not in topics for word in words}
+        decoys = set(self.decoys.values())
+        counts = dict.fromkeys(("on_topic", "repeated", "off_topic", "decoy", "malformed"), 0)
+        seen: set[str] = set()
+        words = response.split()
+        for word in words:
+            if word in wanted:
+                counts["repeated" if word in seen else "on_topic"] += 1
+                seen.add(word)
+            elif word in decoys:
+                counts["decoy"] += 1
+            elif word in others:
+                counts["off_topic"] += 1
+            else:
+                counts["malformed"] += 1
+        return WordCounts(**counts, rambling=max(0, len(words) - self.max_words))
+
+    def gold_reward(self, prompt: str, response: str) -> float:
+        """The gold reward of any response text (the table in the module docstring)."""
+        c = self.classify(prompt, response)
+        return (self.on_topic * c.on_topic + self.repeated * c.repeated + self.off_topic * c.off_topic
+                + self.decoy * c.decoy + self.malformed * c.malformed + self.rambling * c.rambling)
+
+    def has_decoy(self, response: str) -> bool:
+        """True if the response says any decoy word: it lies in the region ``decoy_coverage`` controls."""
+        decoys = set(self.decoys.values())
+        return any(word in decoys for word in response.split())
+
+    # ------------------------------------------------------------------------------ reference generator
+    def reference_completion(self, prompt: str, rng: random.Random) -> str:
+        """One response from the known generator the reference policy is fine-tuned on."""
+        topics = self.prompt_topics(prompt)
+        wanted = [word for name in topics for word in self.topics[name]]
+        others = [word for name, words in self.topics.items() if name not in topics for word in words]
+        words = []
+        for _ in range(rng.randint(self.min_words, self.max_ref_words)):
+            u = rng.random()
+            if u < self.p_decoy:
+                words.append(self.decoys[rng.choice(topics)])
+            elif u < self.p_decoy + self.p_on_topic:
+                words.append(rng.choice(wanted))
+            else:
+                words.append(rng.choice(others))
+        return " ".join(words)
+
+    def expected_reference_gold(self) -> float:
+        """Mean gold reward of the generator over the task's prompts, exactly (it is a finite sum)."""
+        return sum(self._expected_gold(prompt) for prompt in self.prompts) / len(self.prompts)
+
+    def _expected_gold(self, prompt: str) -> float:
+        topics = self.prompt_topics(prompt)
+        n_wanted = sum(len(self.topics[name]) for name in topics)
+        total = 0.0
+        lengths = range(self.min_words, self.max_ref_words + 1)
+        for length in lengths:
+            # On-topic words: +on_topic for each distinct one, +repeated for the rest. E[distinct] of m uniform
+            # draws from n is n (1 - (1 - 1/n)^m); m ~ Binomial(length, p_on_topic).
+            expected = 0.0
+            for m in range(length + 1):
+                prob = math.comb(length, m) * self.p_on_topic ** m * (1 - self.p_on_topic) ** (length - m)
+                distinct = n_wanted * (1 - (1 - 1 / n_wanted) ** m)
+                expected += prob * (self.on_topic * distinct + self.repeated * (m - distinct))
+            p_off = 1 - self.p_on_topic - self.p_decoy
+            expected += length * (self.p_decoy * self.decoy + p_off * self.off_topic)
+            total += expected / len(lengths)
+        return total
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def evaluator(self, tokenizer: Any, *, samples_per_prompt: int = 16, max_new_tokens: int = 16,
+                  seed: int = 1234) -> Callable[[Any], dict[str, float]]:
+        """A function ``evaluate(trainer) -> metrics`` for ``rpo_lib.train.Trainer(evaluate=...)``.
+
+        It samples ``samples_per_prompt`` responses to every prompt from the current policy, with a fixed
+        seed (the same draws of randomness at every evaluation, and the training RNG is not touched), and
+        returns, as means over the samples:
+
+        - ``gold/reward``: the gold reward;
+        - ``kl/sampled``: the Monte-Carlo estimate of ``KL(pi || pi_ref)``, mean of ``log pi(y) - log pi_ref(y)``;
+        - ``gold/decoy_mass``: the fraction of responses that say a decoy (the uncovered region);
+        - ``gold/on_topic``, ``gold/off_topic``, ``gold/malformed``: words of each kind per response;
+        - ``gold/length``: words per response; ``gold/unfinished``: fraction that hit ``max_new_tokens``.
+        """
+        prompts = self.prompts
+
+        def evaluate(trainer: Any) -> dict[str, float]:
+            generator = torch.Generator().manual_seed(seed)
+            samples = trainer.sample(prompts, k=samples_per_prompt, max_new_tokens=max_new_tokens,
+                                     generator=generator)
+            policy_logps, ref_logps = trainer.score(samples)
+            texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+            rows = [(prompts[int(i)], text) for i, text in zip(samples.prompt_index, texts)]
+            counts = [self.classify(prompt, text) for prompt, text in rows]
+            n = len(rows)
+            return {
+                "gold/reward": sum(self.gold_reward(prompt, text) for prompt, text in rows) / n,
+                "kl/sampled": float((policy_logps - ref_logps).mean()),
+                "gold/decoy_mass": sum(c.decoy > 0 for c in counts) / n,
+                "gold/on_topic": sum(c.on_topic for c in counts) / n,
+                "gold/off_topic": sum(c.off_topic for c in counts) / n,
+                "gold/malformed": sum(c.malformed for c in counts) / n,
+                "gold/length": sum(c.words for c in counts) / n,
+                "gold/unfinished": float((~samples.finished).float().mean()),
+            }
+
+        return evaluate
+
+
+def reference_corpus(task: TopicTask, n_rows: int, *, seed: int = 0) -> list[dict[str, str]]:
+    """``n_rows`` rows ``{"prompt", "completion"}`` from the task's generator; prompts cycle in order.
+
+    Completions start with a space: rows are tokenized as ``tokenizer(prompt + completion)``, as TRL does.
+    """
+    rng = random.Random(seed)
+    prompts = task.prompts
+    rows = []
+    for i in range(n_rows):
+        prompt = prompts[i % len(prompts)]
+        rows.append({"prompt": prompt, "completion": " " + task.reference_completion(prompt, rng)})
+    return rows
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 160):
+    """A byte-pair-encoding tokenizer trained on ``texts``, as a ``transformers.PreTrainedTokenizerFast``.
+
+    Words are split on whitespace and marked with a leading ``▁`` (SentencePiece's Metaspace), so decoding
+    restores the spaces. Every lowercase letter and ``:`` is in the vocabulary, so any word the model can
+    spell is representable; merges make the frequent words single tokens (with the default size, every word
+    of the task, decoys included, is one token; an unknown word is spelled letter by letter). ``tokenizer(text)`` starts with
+    ``<bos>``; ``<eos>`` ends completions; ``<pad>`` pads. The result is deterministic in ``texts``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz:")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", core.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def reference_model(tokenizer: Any, *, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2):
+    """An untrained tiny ``LlamaForCausalLM`` sized for ``tokenizer`` (about 0.1M parameters).
+
+    Fine-tune it on ``reference_corpus`` with ``rpo_lib.train`` (``method="sft"``) to get ``pi_ref``.
+    """
+    from rpo_lib.models import TinyLMConfig, tiny_causal_lm
+
+    config = TinyLMConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64)
+    model = tiny_causal_lm(config, seed=seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def preference_rows(
+    task: TopicTask,
+    model: Any,
+    tokenizer: Any,
+    n_pairs: int,
+    *,
+    decoy_coverage: float = 0.0,
+    seed: int = 0,
+    max_new_tokens: int = 16,
+    batch_prompts: int = 64,
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Preference pairs sampled from ``model`` (``pi_ref``) and labelled by Bradley-Terry under the gold reward.
+
+    For each prompt (cycling through ``task.prompts``) two responses are sampled; the first is *chosen* with
+    probability ``sigmoid(r1 - r2)`` (gold rewards). Pairs are then dropped, and counted in the returned
+    report, when a response is empty (EOS at once), when the two responses are the same text, and, with probability ``1 - decoy_coverage``, when
+    either says a decoy. Sampling continues until ``n_pairs`` rows are kept.
+
+    Returns:
+        ``(rows, report)``: rows ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}`` and a
+        ``rpo_lib.data.DataReport`` of what was dropped and why.
+    """
+    from rpo_lib.data import DataReport
+    from rpo_lib.sample import sample
+
+    if not 0.0 <= decoy_coverage <= 1.0:
+        raise ValueError(f"decoy_coverage is a probability in [0, 1]; got {decoy_coverage}.")
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be >= 1; got {n_pairs}.")
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    prompts = task.prompts
+    rows: list[dict[str, Any]] = []
+    dropped = {"an empty response": 0, "identical responses": 0, "a decoy (decoy_coverage)": 0}
+    cursor = 0
+    while len(rows) < n_pairs:
+        batch = [prompts[(cursor + i) % len(prompts)] for i in range(batch_prompts)]
+        cursor += batch_prompts
+        prompt_ids = [tokenizer(p)["input_ids"] for p in batch]
+        samples = sample(model, prompt_ids, k=2, max_new_tokens=max_new_tokens, generator=generator,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        for i, prompt in enumerate(batch):
+            first, second = texts[2 * i], texts[2 * i + 1]
+            if not first.strip() or not second.strip():
+                dropped["an empty response"] += 1
+                continue
+            if first == second:
+                dropped["identical responses"] += 1
+                continue
+            if (task.has_decoy(first) or task.has_decoy(second)) and rng.random() >= decoy_coverage:
+                dropped["a decoy (decoy_coverage)"] += 1
+                continue
+            r1, r2 = task.gold_reward(prompt, first), task.gold_reward(prompt, second)
+            first_wins = rng.random() < 1.0 / (1.0 + math.exp(r2 - r1))
+            chosen, rejected = (first, second) if first_wins else (second, first)
+            gold_chosen, gold_rejected = (r1, r2) if first_wins else (r2, r1)
+            rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected,
+                         "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
+            if len(rows) == n_pairs:
+                break
+    seen = len(rows) + sum(dropped.values())
+    report = DataReport(rows_in=seen, kept=len(rows), dropped=dropped, truncated=0,
+                        what="sampled pairs")
+    return rows, report
