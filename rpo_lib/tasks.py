@@ -37,11 +37,14 @@ The pipeline, each step one function:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,8 +52,8 @@ import torch
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from rpo_lib.data import DataReport
 
-__all__ = ["TopicTask", "WordCounts", "reference_corpus", "reference_model", "train_tokenizer",
-           "preference_rows"]
+__all__ = ["DATA_DIR", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "load_reference",
+           "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums", "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -205,7 +208,8 @@ class TopicTask:
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluator(self, tokenizer: Any, *, samples_per_prompt: int = 16, max_new_tokens: int = 16,
-                  seed: int = 1234) -> Callable[[Any], dict[str, float]]:
+                  seed: int = 1234, pairs: Sequence[dict[str, Any]] | None = None
+                  ) -> Callable[[Any], dict[str, float]]:
         """A function ``evaluate(trainer) -> metrics`` for ``rpo_lib.train.Trainer(evaluate=...)``.
 
         It samples ``samples_per_prompt`` responses to every prompt from the current policy, with a fixed
@@ -216,9 +220,19 @@ class TopicTask:
         - ``kl/sampled``: the Monte-Carlo estimate of ``KL(pi || pi_ref)``, mean of ``log pi(y) - log pi_ref(y)``;
         - ``gold/decoy_mass``: the fraction of responses that say a decoy (the uncovered region);
         - ``gold/on_topic``, ``gold/off_topic``, ``gold/malformed``: words of each kind per response;
-        - ``gold/length``: words per response; ``gold/unfinished``: fraction that hit ``max_new_tokens``.
+        - ``gold/length``: words per response; ``gold/unfinished``: fraction that hit ``max_new_tokens``;
+        - with ``pairs`` (preference rows, e.g. 64 of the training pairs): ``eval/logps/chosen`` and
+          ``eval/logps/rejected``, the mean summed log-probabilities of those fixed responses under the
+          policy (the training batches' ``logps/*`` are noisier: every step sees other pairs).
         """
+        from rpo_lib.data import collate_preferences, tokenize_preferences
+        from rpo_lib.logprobs import completion_logprobs
+
         prompts = self.prompts
+        fixed = None
+        if pairs is not None:
+            fixed = collate_preferences(tokenize_preferences(pairs, tokenizer, max_length=64)[0],
+                                        tokenizer.pad_token_id)
 
         def evaluate(trainer: Any) -> dict[str, float]:
             generator = torch.Generator().manual_seed(seed)
@@ -229,7 +243,13 @@ class TopicTask:
             rows = [(prompts[int(i)], text) for i, text in zip(samples.prompt_index, texts)]
             counts = [self.classify(prompt, text) for prompt, text in rows]
             n = len(rows)
-            return {
+            extra = {}
+            if fixed is not None:
+                with torch.no_grad():
+                    logps = completion_logprobs(trainer.model, **{k: v.to(trainer.device) for k, v in fixed.items()})[0]
+                chosen, rejected = logps.view(2, -1)
+                extra = {"eval/logps/chosen": float(chosen.mean()), "eval/logps/rejected": float(rejected.mean())}
+            return extra | {
                 "gold/reward": sum(self.gold_reward(prompt, text) for prompt, text in rows) / n,
                 "kl/sampled": float((policy_logps - ref_logps).mean()),
                 "gold/decoy_mass": sum(c.decoy > 0 for c in counts) / n,
@@ -364,3 +384,78 @@ def preference_rows(
     report = DataReport(rows_in=seen, kept=len(rows), dropped=dropped, truncated=0,
                         what="sampled pairs")
     return rows, report
+
+
+# ------------------------------------------------------------------------------------------ shipped files
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "gold_task"
+N_SFT_ROWS = 4000  # reference corpus rows (400 per prompt)
+N_PAIRS = 1000  # preference pairs per file
+SFT_STEPS = 1000  # reference fine-tuning: 1000 steps of 32 rows (8 epochs), lr 3e-3; ~11 s on 2 CPU cores
+
+
+def fine_tune_reference(task: TopicTask, tokenizer: Any, rows: Sequence[dict[str, str]], *, seed: int = 0,
+                        steps: int = SFT_STEPS, progress: bool = False):
+    """``pi_ref``: ``reference_model(tokenizer, seed=seed)`` fine-tuned by SFT on ``rows``; returns (model, history)."""
+    from rpo_lib.train import Trainer, preset
+
+    model = reference_model(tokenizer, seed=seed)
+    config = preset("tiny", method="sft", max_steps=steps, batch_size=32, learning_rate=3e-3, seed=seed,
+                    progress=progress)
+    trainer = Trainer(model, tokenizer, rows, config)
+    history = trainer.train()
+    return model.eval(), history
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (``data/gold_task/*.jsonl``)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def sha256sums(directory: str | Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory`` except ``SHA256SUMS`` itself."""
+    root = Path(directory)
+    sums = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        sums[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def build_files(directory: str | Path, *, seed: int = 0, progress: bool = False) -> dict[str, str]:
+    """Make every file of ``data/gold_task`` in ``directory`` (steps 1-4 of the module docstring).
+
+    Writes ``sft.jsonl`` (reference corpus), ``reference/`` (the tokenizer and the fine-tuned ``pi_ref``,
+    loadable with ``from_pretrained``), ``preferences.jsonl`` (``decoy_coverage=0``: the data never show a
+    decoy) and ``preferences_covered.jsonl`` (``decoy_coverage=1``). Returns their SHA-256 sums.
+    """
+    directory = Path(directory)
+    (directory / "reference").mkdir(parents=True, exist_ok=True)
+    task = TopicTask()
+    corpus = reference_corpus(task, N_SFT_ROWS, seed=seed)
+    _write_jsonl(directory / "sft.jsonl", corpus)
+    tokenizer = train_tokenizer([row["prompt"] + row["completion"] for row in corpus])
+    model, _ = fine_tune_reference(task, tokenizer, corpus, seed=seed, progress=progress)
+    model.save_pretrained(directory / "reference")
+    tokenizer.save_pretrained(directory / "reference")
+    for name, coverage in (("preferences.jsonl", 0.0), ("preferences_covered.jsonl", 1.0)):
+        rows, _ = preference_rows(task, model, tokenizer, N_PAIRS, decoy_coverage=coverage, seed=seed)
+        _write_jsonl(directory / name, rows)
+    return sha256sums(directory)
+
+
+def load_reference(directory: str | Path = DATA_DIR):
+    """``(model, tokenizer)``: the shipped reference policy of ``data/gold_task`` (no network)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory) / "reference"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no model: run `python scripts/make_gold_task_data.py` to make it.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model.eval(), tokenizer
