@@ -7,7 +7,11 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.coverage``  coverage coefficients: global, KL-ball, linear, and Liu et al.'s partial coverage.
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
-- ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download).
+- ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download); LoRA adapters.
+- ``rpo_lib.data``      text rows -> checked, tokenized examples -> padded batches; dropped rows are counted.
+- ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
+- ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
+- ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
 - ``rpo_lib.plotting``  the workbook's plot style.
@@ -21,7 +25,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bandit", "bt", "coverage", "env", "exercises", "logprobs", "losses", "models", "plotting"]
+__all__ = ["bandit", "bt", "coverage", "data", "env", "exercises", "logprobs", "losses", "models", "plotting",
+           "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

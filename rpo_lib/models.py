@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TinyLMConfig", "tiny_causal_lm"]
+__all__ = ["TinyLMConfig", "tiny_causal_lm", "with_lora"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,19 @@ def tiny_causal_lm(config: TinyLMConfig | None = None, *, seed: int = 0, dtype: 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_config)
     return model.to(dtype).eval()  # type: ignore[arg-type]
+
+
+def with_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+              target_modules: str | list[str] = "all-linear"):
+    """``model`` wrapped in a new PEFT LoRA adapter (only the adapter trains).
+
+    A new adapter starts as the identity (its B matrix is zero), so the wrapped model *is* the base model
+    at first; ``rpo_lib.train`` then uses the base with the adapter disabled as ``pi_ref``, without a
+    second copy in memory. ``"all-linear"`` adapts every linear layer except the output head (QLoRA's
+    recommendation). For a 4-bit model, call ``peft.prepare_model_for_kbit_training`` first.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -52,7 +52,7 @@ import torch
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from rpo_lib.data import DataReport
 
-__all__ = ["DATA_DIR", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "load_reference",
+__all__ = ["DATA_DIR", "LAB_SETTINGS", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "lab_run", "load_reference",
            "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums", "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -459,3 +459,37 @@ def load_reference(directory: str | Path = DATA_DIR):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------- the lab
+LAB_SETTINGS: dict[str, Any] = {
+    # Notebook 07's comparison: every method gets the same data, steps, batch, learning rate and beta.
+    "learning_rate": 3e-4, "beta": 0.1, "batch_size": 16, "max_steps": 300, "warmup_steps": 10,
+    "eval_every": 30,
+    "eta": 1.0,  # RPO, TRL's token-mean normalisation (RPO_VARIANTS["trl"])
+    "lam": 0.1,  # HyPO: the summed log-ratios here are a few nats, so lam is larger than the paper's 1e-4
+    "k_online": 2, "online_max_new_tokens": 16,
+}
+
+
+def lab_run(method: str, rows: Sequence[dict[str, Any]], *, model: Any = None, tokenizer: Any = None,
+            seed: int = 0, progress: bool = False, **changes: Any):
+    """Train a copy of ``pi_ref`` with ``method`` on ``rows`` with the lab's settings; return the trainer.
+
+    ``model``/``tokenizer`` default to the shipped reference (``load_reference``); the model passed is not
+    changed (it stays the frozen reference). ``changes`` override ``LAB_SETTINGS`` (e.g. ``max_steps``).
+    The evaluator samples 16 responses per prompt every ``eval_every`` steps and scores 64 fixed training
+    pairs; read the results from ``trainer.history``.
+    """
+    import copy
+
+    from rpo_lib.train import Trainer, preset
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_reference()
+    settings = {**LAB_SETTINGS, **changes}
+    config = preset("tiny", method=method, seed=seed, progress=progress, **settings)
+    evaluate = TopicTask().evaluator(tokenizer, pairs=list(rows[:64]))
+    trainer = Trainer(copy.deepcopy(model), tokenizer, rows, config, ref_model=model, evaluate=evaluate)
+    trainer.train()
+    return trainer

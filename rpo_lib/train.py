@@ -249,8 +249,8 @@ class Trainer:
 
     def _reference(self, ref_model: Any) -> Any:
         config = self.config
-        if ref_model is not None:
-            return self._place(ref_model).eval().requires_grad_(False)
+        if ref_model is not None:  # used under torch.no_grad; its requires_grad flags are left as they are
+            return self._place(ref_model).eval()
         if _is_peft(self.model):
             return None  # the model with its adapter disabled
         needs_model = config.method == "hypo" or self.evaluate is not None or (
@@ -370,6 +370,13 @@ class Trainer:
             out = losses.hypo_loss(*pairs, sample_logps.view(b, config.k_online),
                                    ref_sample_logps.view(b, config.k_online), beta=config.beta, lam=config.lam)
         return out.loss * share, dict(out.metrics)
+
+    def batch_loss(self, indices: Sequence[int] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The loss (with gradients) and metrics of ``self.examples[indices]`` (default: all) as one batch,
+        under the current model, without an update: for checks against other implementations."""
+        indices = list(range(len(self.examples))) if indices is None else list(indices)
+        token_count = float(sum(len(self._completion(self.examples[i])) for i in indices))
+        return self._micro_loss(indices, 1.0, token_count)
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         config = self.config

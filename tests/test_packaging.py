@@ -71,7 +71,13 @@ def test_math_modules_do_not_import_transformers():
     import sys
 
     code = ("import sys, rpo_lib, rpo_lib.bt, rpo_lib.losses, rpo_lib.logprobs, rpo_lib.env, rpo_lib.exercises, "
-            "rpo_lib.bandit, rpo_lib.coverage; "
+            "rpo_lib.bandit, rpo_lib.coverage, rpo_lib.data, rpo_lib.sample, rpo_lib.train, rpo_lib.tasks; "
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_rpo_lib_never_imports_trl():
+    # TRL is a test dependency (the parity test); the library must work without it.
+    for path in (ROOT / "rpo_lib").glob("*.py"):
+        assert not re.search(r"^\s*(import trl|from trl)", path.read_text(), re.M), path.name

@@ -1,0 +1,97 @@
+"""rpo_lib.sample: the KV cache changes nothing, padding changes nothing, draws follow the model."""
+
+import pytest
+import torch
+
+from rpo_lib.logprobs import completion_logprobs
+from rpo_lib.sample import sample
+from rpo_lib.tasks import load_reference
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference()
+
+
+def _prompts(tokenizer):
+    return [tokenizer(p)["input_ids"] for p in ("fruit:", "animal tool:", "color:")]
+
+
+def _sample(model, tokenizer, **kwargs):
+    return sample(model, _prompts(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+def test_kv_cache_gives_the_same_tokens_as_recomputing(reference):
+    model, tokenizer = reference
+    with_cache = _sample(model, tokenizer, k=4, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+    without = _sample(model, tokenizer, k=4, max_new_tokens=12, generator=torch.Generator().manual_seed(3),
+                      use_cache=False)
+    assert with_cache.completion_ids == without.completion_ids
+    assert torch.equal(with_cache.input_ids, without.input_ids)
+
+
+def test_rows_layout_masks_and_grouping(reference):
+    model, tokenizer = reference
+    out = _sample(model, tokenizer, k=2, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    prompts = _prompts(tokenizer)
+    assert out.input_ids.shape[0] == 6 and out.k == 2
+    assert out.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    for row in range(6):
+        prompt, completion = prompts[row // 2], out.completion_ids[row]
+        length = len(prompt) + len(completion)
+        assert out.input_ids[row, :length].tolist() == list(prompt) + completion  # right-padded
+        assert out.completion_mask[row].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * (
+            out.input_ids.shape[1] - length)
+        assert bool(out.finished[row]) == (completion[-1] == tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id not in completion[:-1]
+
+
+def test_first_token_frequencies_follow_the_model_despite_left_padding(reference):
+    model, tokenizer = reference
+    prompts = _prompts(tokenizer)
+    n = 3000
+    out = sample(model, prompts, k=n, max_new_tokens=1, generator=torch.Generator().manual_seed(1),
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for i, prompt in enumerate(prompts):  # each prompt alone, unpadded
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], dim=-1)
+        drawn = torch.tensor([ids[0] for ids in out.completion_ids[i * n:(i + 1) * n]])
+        freq = torch.bincount(drawn, minlength=probs.numel()).float() / n
+        se = (probs * (1 - probs) / n).sqrt()
+        assert bool(((freq - probs).abs() <= 5 * se + 1e-3).all())
+
+
+def test_greedy_is_deterministic_and_matches_argmax(reference):
+    model, tokenizer = reference
+    a = _sample(model, tokenizer, k=1, max_new_tokens=8, temperature=0)
+    b = _sample(model, tokenizer, k=1, max_new_tokens=8, temperature=0)
+    assert a.completion_ids == b.completion_ids
+    ids = list(_prompts(tokenizer)[1])
+    for token in a.completion_ids[1]:
+        with torch.no_grad():
+            assert int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()) == token
+        ids.append(token)
+
+
+def test_rows_score_with_completion_logprobs(reference):
+    model, tokenizer = reference
+    out = _sample(model, tokenizer, k=2, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logps, _, mask = completion_logprobs(model, out.input_ids, out.attention_mask, out.completion_mask)
+    assert logps.shape == (6,) and bool((logps < 0).all())
+    assert mask.sum(dim=1).tolist() == [len(c) for c in out.completion_ids]
+
+
+def test_restores_training_mode_and_checks_arguments(reference):
+    model, tokenizer = reference
+    model.train()
+    _sample(model, tokenizer, k=1, max_new_tokens=2)
+    assert model.training
+    model.eval()
+    with pytest.raises(ValueError, match="k and max_new_tokens"):
+        _sample(model, tokenizer, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        _sample(model, tokenizer, temperature=-1)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [[]], eos_token_id=2, pad_token_id=0)
