@@ -97,7 +97,7 @@ def _check_row(row: Any, index: int, fields: Sequence[str]) -> None:
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -203,12 +203,12 @@ def tokenize_sft(
 def pad_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
               pad_token_id: int) -> dict[str, Tensor]:
     """Right-padded ``prompt + completion`` rows: input_ids, attention_mask, completion_mask, each (N, T)."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     n = len(prompts)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     completion_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         length = len(p) + len(c)
         input_ids[i, :length] = torch.tensor(list(p) + list(c), dtype=torch.long)
         attention_mask[i, :length] = 1

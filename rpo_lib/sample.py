@@ -42,6 +42,11 @@ class Samples:
     finished: Tensor
     k: int
 
+    def batch(self) -> dict[str, Tensor]:
+        """``{"input_ids", "attention_mask", "completion_mask"}``: what the trainer scores."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "completion_mask": self.completion_mask}
+
     def to(self, device: torch.device | str) -> Samples:
         return Samples(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
                        self.completion_ids, self.prompt_index, self.finished, self.k)

@@ -52,8 +52,9 @@ import torch
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from rpo_lib.data import DataReport
 
-__all__ = ["DATA_DIR", "LAB_SETTINGS", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "lab_run", "load_reference",
-           "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums", "train_tokenizer"]
+__all__ = ["DATA_DIR", "LAB_SETTINGS", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "lab_run",
+           "load_reference", "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums",
+           "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -226,7 +227,6 @@ class TopicTask:
           policy (the training batches' ``logps/*`` are noisier: every step sees other pairs).
         """
         from rpo_lib.data import collate_preferences, tokenize_preferences
-        from rpo_lib.logprobs import completion_logprobs
 
         prompts = self.prompts
         fixed = None
@@ -240,14 +240,12 @@ class TopicTask:
                                      generator=generator)
             policy_logps, ref_logps = trainer.score(samples)
             texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
-            rows = [(prompts[int(i)], text) for i, text in zip(samples.prompt_index, texts)]
+            rows = [(prompts[int(i)], text) for i, text in zip(samples.prompt_index, texts, strict=True)]
             counts = [self.classify(prompt, text) for prompt, text in rows]
             n = len(rows)
             extra = {}
             if fixed is not None:
-                with torch.no_grad():
-                    logps = completion_logprobs(trainer.model, **{k: v.to(trainer.device) for k, v in fixed.items()})[0]
-                chosen, rejected = logps.view(2, -1)
+                chosen, rejected = trainer.logprobs(fixed).view(2, -1)
                 extra = {"eval/logps/chosen": float(chosen.mean()), "eval/logps/rejected": float(rejected.mean())}
             return extra | {
                 "gold/reward": sum(self.gold_reward(prompt, text) for prompt, text in rows) / n,
@@ -283,8 +281,9 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 160):
     Words are split on whitespace and marked with a leading ``▁`` (SentencePiece's Metaspace), so decoding
     restores the spaces. Every lowercase letter and ``:`` is in the vocabulary, so any word the model can
     spell is representable; merges make the frequent words single tokens (with the default size, every word
-    of the task, decoys included, is one token; an unknown word is spelled letter by letter). ``tokenizer(text)`` starts with
-    ``<bos>``; ``<eos>`` ends completions; ``<pad>`` pads. The result is deterministic in ``texts``.
+    of the task, decoys included, is one token; an unknown word is spelled letter by letter).
+    ``tokenizer(text)`` starts with ``<bos>``; ``<eos>`` ends completions; ``<pad>`` pads. The result is
+    deterministic in ``texts``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -334,8 +333,8 @@ def preference_rows(
 
     For each prompt (cycling through ``task.prompts``) two responses are sampled; the first is *chosen* with
     probability ``sigmoid(r1 - r2)`` (gold rewards). Pairs are then dropped, and counted in the returned
-    report, when a response is empty (EOS at once), when the two responses are the same text, and, with probability ``1 - decoy_coverage``, when
-    either says a decoy. Sampling continues until ``n_pairs`` rows are kept.
+    report, when a response is empty (EOS at once), when the two responses are the same text, and, with
+    probability ``1 - decoy_coverage``, when either says a decoy. Sampling continues until ``n_pairs`` rows are kept.
 
     Returns:
         ``(rows, report)``: rows ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}`` and a

@@ -259,21 +259,32 @@ class Trainer:
             return None
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def _ref_forward(self, **batch: Tensor) -> Tensor:
-        """Sequence log-probs under pi_ref (no gradient)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return completion_logprobs(self.ref_model, **batch, reduction=self.config.logp_reduction)[0]
-            if _is_peft(self.model):
-                was_training = self.model.training
-                self.model.eval()
-                try:
+    def _forward(self, model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``completion_logprobs`` of right-padded rows: (sequence log-probs, token log-probs, mask)."""
+        return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                   reduction=self.config.logp_reduction)
+
+    def logprobs(self, batch: Mapping[str, Tensor], *, reference: bool = False) -> Tensor:
+        """Sequence log-probs (N,) of right-padded rows (``input_ids``, ``attention_mask``, ``completion_mask``)
+        under the current policy, or under ``pi_ref`` with ``reference=True``; no gradients, eval mode."""
+        batch = self._to_device(dict(batch))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if not reference:
+                    return self._forward(self.model, batch)[0]
+                if self.ref_model is not None:
+                    return self._forward(self.ref_model, batch)[0]
+                if _is_peft(self.model):
                     with self.model.disable_adapter():
-                        return completion_logprobs(self.model, **batch, reduction=self.config.logp_reduction)[0]
-                finally:
-                    self.model.train(was_training)
-            # No reference model: the model is still pi_ref (precompute before the first step).
-            return completion_logprobs(self.model, **batch, reduction=self.config.logp_reduction)[0]
+                        return self._forward(self.model, batch)[0]
+                if self.step > 0:
+                    raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or "
+                                     "an evaluator): pass ref_model=... to score against pi_ref after training.")
+                return self._forward(self.model, batch)[0]  # before the first step the model is pi_ref
+        finally:
+            self.model.train(was_training)
 
     def _precompute(self) -> None:
         """Reference log-probs of every pair, (N, 2) chosen/rejected, computed once."""
@@ -284,7 +295,7 @@ class Trainer:
         for start in range(0, len(self.examples), size):
             chunk = self.examples[start:start + size]
             batch = self._to_device(collate_preferences(chunk, self.pad_token_id))
-            values.append(self._ref_forward(**batch).view(2, -1).T.cpu())
+            values.append(self.logprobs(batch, reference=True).view(2, -1).T.cpu())
         self._ref_logps = torch.cat(values)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -300,19 +311,8 @@ class Trainer:
 
     def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
         """``(log pi(y|x), log pi_ref(y|x))`` of sampled rows, each (N,), without gradients."""
-        batch = {"input_ids": samples.input_ids, "attention_mask": samples.attention_mask,
-                 "completion_mask": samples.completion_mask}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                policy = completion_logprobs(self.model, **batch, reduction=self.config.logp_reduction)[0]
-            if self.ref_model is None and not _is_peft(self.model):
-                raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or an "
-                                 "evaluator): pass ref_model=... to score samples against pi_ref.")
-            return policy, self._ref_forward(**batch)
-        finally:
-            self.model.train(was_training)
+        batch = samples.batch()
+        return self.logprobs(batch), self.logprobs(batch, reference=True)
 
     # ----------------------------------------------------------------------------------------- one step
     def _batch_indices(self, step: int) -> list[int]:
@@ -333,7 +333,7 @@ class Trainer:
         examples = [self.examples[i] for i in indices]
         if config.method == "sft":
             batch = self._to_device(collate_sft(examples, self.pad_token_id))
-            _, token_logps, mask = completion_logprobs(self.model, **batch)
+            _, token_logps, mask = self._forward(self.model, batch)
             normalization = config.sft_normalization
             loss = losses.sft_loss(token_logps, mask, normalization=normalization,
                                    token_count=token_count * share if normalization == "token_mean" else None)
@@ -341,13 +341,13 @@ class Trainer:
             return loss * share, {"loss/sft": float(loss.detach())}
         batch = self._to_device(collate_preferences(examples, self.pad_token_id))
         b = len(examples)
-        logps, token_logps, mask = completion_logprobs(self.model, **batch, reduction=config.logp_reduction)
+        logps, token_logps, mask = self._forward(self.model, batch)
         policy_chosen, policy_rejected = logps[:b], logps[b:]
         if self._ref_logps is not None:
             ref = self._ref_logps[indices].to(self.device)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
-            ref_logps = self._ref_forward(**batch)
+            ref_logps = self.logprobs(batch, reference=True)
             ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
         pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         if config.method == "dpo":
@@ -363,10 +363,9 @@ class Trainer:
             samples = self.sample([e.prompt_ids for e in examples], k=config.k_online,
                                   max_new_tokens=config.online_max_new_tokens,
                                   temperature=config.online_temperature, generator=self.online_generator)
-            online = {"input_ids": samples.input_ids, "attention_mask": samples.attention_mask,
-                      "completion_mask": samples.completion_mask}
-            sample_logps = completion_logprobs(self.model, **online, reduction=config.logp_reduction)[0]
-            ref_sample_logps = self._ref_forward(**online)
+            online = samples.batch()
+            sample_logps = self._forward(self.model, online)[0]  # with gradients: the REINFORCE term
+            ref_sample_logps = self.logprobs(online, reference=True)
             out = losses.hypo_loss(*pairs, sample_logps.view(b, config.k_online),
                                    ref_sample_logps.view(b, config.k_online), beta=config.beta, lam=config.lam)
         return out.loss * share, dict(out.metrics)
@@ -404,7 +403,7 @@ class Trainer:
             raise FloatingPointError(
                 f"the loss became {total} at step {step + 1}: lower learning_rate (now {config.learning_rate}) or "
                 f"raise beta; the last checkpoint (if any) is intact.")
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         metrics.update({"loss": total, "grad_norm": float(grad_norm), "lr": lr,
@@ -424,7 +423,7 @@ class Trainer:
                 that file; False starts at the current state (a second ``train()`` call continues nothing:
                 raise ``max_steps`` with a new config and resume from a checkpoint instead).
         """
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         config = self.config
         if resume:

@@ -91,7 +91,8 @@ def test_preference_files():
     assert sum(TASK.has_decoy(r["rejected"]) for r in with_decoy) > 0.8 * len(with_decoy)
     for r in hidden[:50]:
         assert r["gold_chosen"] == TASK.gold_reward(r["prompt"], r["chosen"])
-    agree = statistics.mean(r["gold_chosen"] > r["gold_rejected"] for r in hidden if r["gold_chosen"] != r["gold_rejected"])
+    agree = statistics.mean(r["gold_chosen"] > r["gold_rejected"] for r in hidden
+                            if r["gold_chosen"] != r["gold_rejected"])
     assert 0.7 < agree < 0.95  # Bradley-Terry labels: mostly, not always, the better response
 
 

@@ -81,7 +81,7 @@ def test_accumulated_gradient_equals_full_batch(reference, pairs, method, change
         metrics = trainer._optimizer_step(0)
         grads.append(([p.grad.clone() for p in trainer.parameters], metrics))
     (full, full_metrics), (accumulated, acc_metrics) = grads
-    for a, b in zip(full, accumulated):
+    for a, b in zip(full, accumulated, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert acc_metrics["loss"] == pytest.approx(full_metrics["loss"], rel=1e-5)
     if "rewards/margins" in full_metrics:
@@ -109,7 +109,7 @@ def test_same_seed_same_run(reference, pairs, method):
         trainer = Trainer(copy.deepcopy(model), tokenizer, pairs, _config(method=method, max_steps=5), ref_model=model)
         runs.append((trainer.train(), trainer.parameters))
     assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1], runs[1][1]):
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
         assert torch.equal(a, b)
     other = Trainer(copy.deepcopy(model), tokenizer, pairs, _config(method=method, max_steps=5, seed=1),
                     ref_model=model).train()
@@ -133,7 +133,7 @@ def test_resume_reproduces_the_uninterrupted_run(reference, pairs, method, tmp_p
     resumed.train(resume=tmp_path / "a" / "checkpoint-000006.pt")
     assert resumed.history == history
     assert [row["step"] for row in history] == list(range(9))  # row 0: the evaluation before training
-    for a, b in zip(straight.parameters, resumed.parameters):
+    for a, b in zip(straight.parameters, resumed.parameters, strict=True):
         assert torch.equal(a, b)
 
 
@@ -188,7 +188,7 @@ def test_precomputed_reference_logps_give_the_same_run(reference, pairs):
     trainer = Trainer(copy.deepcopy(model), tokenizer, pairs, _config(method="dpo", precompute_ref_logps=True))
     assert trainer.ref_model is None  # no frozen copy needed
     precomputed = trainer.train()
-    for a, b in zip(live, precomputed):
+    for a, b in zip(live, precomputed, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
@@ -281,5 +281,5 @@ def test_matches_trl_dpo_trainer(pairs, tmp_path, loss_type, weights, method):
     our_loss, _ = ours.batch_loss()
     our_loss.backward()
     assert float(our_loss) == pytest.approx(float(their_loss), abs=1e-5)
-    for a, b in zip(their_grads, (p.grad for p in policy.parameters())):
+    for a, b in zip(their_grads, (p.grad for p in policy.parameters()), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
