@@ -124,6 +124,50 @@ def _room(prompt_ids: list[int], max_length: int, max_prompt_length: int | None)
     return max_length - len(prompt_ids)
 
 
+def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion_fields: tuple[str, ...], *,
+                   max_length: int, max_prompt_length: int | None, what: str
+                   ) -> tuple[list[tuple[list[int], list[list[int]]]], DataReport]:
+    """The rules of the module docstring for rows with one (SFT) or two (preference) completions.
+
+    Returns ``[(prompt_ids, [completion_ids, ...])]`` and the report.
+    """
+    _check_tokenizer(tokenizer)
+    paired = len(completion_fields) == 2
+    kept: list[tuple[list[int], list[list[int]]]] = []
+    dropped = {"empty completion": 0, **({"chosen identical to rejected": 0} if paired else {}), "prompt too long": 0}
+    truncated = n = 0
+    for n, row in enumerate(rows, start=1):
+        _check_row(row, n - 1, ("prompt", *completion_fields))  # prompt first: errors name it first
+        texts = [row[name] for name in completion_fields]
+        if not all(text.strip() for text in texts):
+            dropped["empty completion"] += 1
+            continue
+        if paired and texts[0] == texts[1]:
+            dropped["chosen identical to rejected"] += 1
+            continue
+        splits = [_split(tokenizer, row["prompt"], text) for text in texts]
+        # A merge across the boundary can differ between completions: keep the prompt they share.
+        cut = min(_common_prefix(splits[0][0], prompt_ids) for prompt_ids, _ in splits)
+        prompt_ids = splits[0][0][:cut]
+        completions = [prompt[cut:] + completion for prompt, completion in splits]
+        room = _room(prompt_ids, max_length, max_prompt_length)
+        if room <= 0:
+            dropped["prompt too long"] += 1
+            continue
+        if any(len(ids) > room for ids in completions):
+            completions = [ids[:room] for ids in completions]
+            if paired and completions[0] == completions[1]:
+                dropped["chosen identical to rejected"] += 1
+                continue
+            truncated += 1
+        kept.append((prompt_ids, completions))
+    report = DataReport(rows_in=n, kept=len(kept), dropped=dropped, truncated=truncated, what=what)
+    if not kept:
+        kind = "preference rows" if paired else "SFT rows"
+        raise ValueError(f"no usable {kind}: {report} Check max_length and the data.")
+    return kept, report
+
+
 def tokenize_preferences(
     rows: Iterable[Mapping[str, Any]],
     tokenizer: Any,
@@ -132,40 +176,9 @@ def tokenize_preferences(
     max_prompt_length: int | None = None,
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Check and tokenize preference rows (see the module docstring for what happens to bad ones)."""
-    _check_tokenizer(tokenizer)
-    examples: list[PreferenceExample] = []
-    dropped = {"empty completion": 0, "chosen identical to rejected": 0, "prompt too long": 0}
-    truncated = n = 0
-    for n, row in enumerate(rows, start=1):
-        _check_row(row, n - 1, PREFERENCE_FIELDS)
-        if not row["chosen"].strip() or not row["rejected"].strip():
-            dropped["empty completion"] += 1
-            continue
-        if row["chosen"] == row["rejected"]:
-            dropped["chosen identical to rejected"] += 1
-            continue
-        prompt_ids, chosen_ids = _split(tokenizer, row["prompt"], row["chosen"])
-        rejected_prompt_ids, rejected_ids = _split(tokenizer, row["prompt"], row["rejected"])
-        if rejected_prompt_ids != prompt_ids:  # a merge across the boundary differs: keep the shorter prompt
-            cut = _common_prefix(prompt_ids, rejected_prompt_ids)
-            chosen_ids, rejected_ids = prompt_ids[cut:] + chosen_ids, rejected_prompt_ids[cut:] + rejected_ids
-            prompt_ids = prompt_ids[:cut]
-        room = _room(prompt_ids, max_length, max_prompt_length)
-        if room <= 0:
-            dropped["prompt too long"] += 1
-            continue
-        if len(chosen_ids) > room or len(rejected_ids) > room:
-            truncated += 1
-            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-            if chosen_ids == rejected_ids:
-                dropped["chosen identical to rejected"] += 1
-                truncated -= 1
-                continue
-        examples.append(PreferenceExample(prompt_ids, chosen_ids, rejected_ids))
-    report = DataReport(rows_in=n, kept=len(examples), dropped=dropped, truncated=truncated, what="pairs")
-    if not examples:
-        raise ValueError(f"no usable preference rows: {report} Check max_length and the data.")
-    return examples, report
+    kept, report = _tokenize_rows(rows, tokenizer, PREFERENCE_FIELDS[1:], max_length=max_length,
+                                  max_prompt_length=max_prompt_length, what="pairs")
+    return [PreferenceExample(prompt, chosen, rejected) for prompt, (chosen, rejected) in kept], report
 
 
 def tokenize_sft(
@@ -176,28 +189,9 @@ def tokenize_sft(
     max_prompt_length: int | None = None,
 ) -> tuple[list[SFTExample], DataReport]:
     """Check and tokenize SFT rows ``{"prompt", "completion"}`` (same rules as for preferences)."""
-    _check_tokenizer(tokenizer)
-    examples: list[SFTExample] = []
-    dropped = {"empty completion": 0, "prompt too long": 0}
-    truncated = n = 0
-    for n, row in enumerate(rows, start=1):
-        _check_row(row, n - 1, SFT_FIELDS)
-        if not row["completion"].strip():
-            dropped["empty completion"] += 1
-            continue
-        prompt_ids, completion_ids = _split(tokenizer, row["prompt"], row["completion"])
-        room = _room(prompt_ids, max_length, max_prompt_length)
-        if room <= 0:
-            dropped["prompt too long"] += 1
-            continue
-        if len(completion_ids) > room:
-            truncated += 1
-            completion_ids = completion_ids[:room]
-        examples.append(SFTExample(prompt_ids, completion_ids))
-    report = DataReport(rows_in=n, kept=len(examples), dropped=dropped, truncated=truncated, what="rows")
-    if not examples:
-        raise ValueError(f"no usable SFT rows: {report} Check max_length and the data.")
-    return examples, report
+    kept, report = _tokenize_rows(rows, tokenizer, SFT_FIELDS[1:], max_length=max_length,
+                                  max_prompt_length=max_prompt_length, what="rows")
+    return [SFTExample(prompt, completion) for prompt, (completion,) in kept], report
 
 
 def pad_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
