@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rpo_lib._checks import as_tensor, check_finite, to_float32
+from rpo_lib._checks import as_tensor, check_finite, check_not_empty, to_float32
 
 __all__ = [
     "Comparisons",
@@ -79,6 +79,7 @@ def bt_loss(chosen_rewards, rejected_rewards, *, weights=None) -> Tensor:
             f"chosen_rewards has shape {tuple(chosen.shape)} but rejected_rewards has shape "
             f"{tuple(rejected.shape)}: pass one reward of each per preference pair."
         )
+    check_not_empty(chosen, "chosen_rewards")
     return weighted_mean(-F.logsigmoid(chosen - rejected), weights)
 
 

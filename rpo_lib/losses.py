@@ -10,12 +10,17 @@ Conventions
   over tokens (sum, the usual DPO choice, or mean) is the caller's explicit choice, made in
   ``rpo_lib.logprobs.sequence_logprobs``.
 - Inputs may be float32 or bfloat16 (or float64); the arithmetic is done in float32 (float64 is kept).
-- Bad input raises ``ValueError`` naming the argument: mismatched shapes, non-finite values, an all-zero
-  completion mask, fewer than two online samples per prompt.
+- Bad input raises ``ValueError`` naming the argument: mismatched shapes, non-finite values, an empty batch,
+  an all-zero completion mask, fewer than two online samples per prompt, a hyperparameter that is NaN,
+  infinite or out of range. A loss never returns a silent NaN.
 - The preference losses return a ``PreferenceLoss``: ``.loss`` to backpropagate, detached implicit rewards
   ``beta * (log pi - log pi_ref)`` for chosen and rejected, and ``.metrics`` (floats) under the names TRL
   logs: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
   ``logps/chosen``, ``logps/rejected``, plus ``loss/dpo``, ``loss/sft``, ``kl/online`` where present.
+  ``.metric_tensors`` holds the same values as detached 0-d tensors on the inputs' device: a training loop
+  reads them once per step instead of stalling a GPU for every number (``rpo_lib.train`` does).
+- The value checks can be deferred (``rpo_lib._checks.deferred_checks``) so that a training step reads them
+  back once; they are never skipped.
 
 Equations: ``../shared/docs/math.md`` sections 3 (DPO, IPO), 6 (RPO) and 7 (HyPO).
 """
@@ -28,16 +33,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rpo_lib._checks import check_finite, check_sequence_logps, check_token_inputs, to_float32
+from rpo_lib._checks import (check_finite, check_hyperparameter, check_not_empty, check_sequence_logps,
+                             check_token_inputs, to_float32)
 from rpo_lib.bt import bt_loss, weighted_mean
 
 __all__ = [
+    "LossTerm",
     "Normalization",
     "PreferenceLoss",
     "RPOVariant",
     "RPO_VARIANTS",
     "dpo_loss",
     "hypo_loss",
+    "hypo_online_term",
     "ipo_loss",
     "online_kl_loss",
     "rpo_loss",
@@ -48,6 +56,14 @@ Normalization = Literal["sum", "seq_mean", "token_mean"]
 _NORMALIZATIONS = ("sum", "seq_mean", "token_mean")
 
 
+def _as_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """Detached 0-d tensors -> floats, read back in one transfer."""
+    if not values:
+        return {}
+    numbers = torch.stack([value.detach().to(torch.float32).reshape(()) for value in values.values()]).tolist()
+    return dict(zip(values, numbers, strict=True))
+
+
 @dataclass
 class PreferenceLoss:
     """What every preference loss returns.
@@ -56,13 +72,30 @@ class PreferenceLoss:
         loss: scalar tensor to backpropagate.
         chosen_rewards: (B,) detached implicit rewards ``beta * (log pi(y+) - log pi_ref(y+))``.
         rejected_rewards: (B,) the same for the rejected responses.
-        metrics: floats for logging (see the module docstring for the names).
+        metric_tensors: detached 0-d tensors for logging (see the module docstring for the names).
+        metrics: the same as floats (read back from the device when asked for).
     """
 
     loss: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metric_tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return _as_floats(self.metric_tensors)
+
+
+@dataclass
+class LossTerm:
+    """One additive term of a loss (HyPO's online KL): ``.loss`` to backpropagate and its metrics."""
+
+    loss: Tensor
+    metric_tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return _as_floats(self.metric_tensors)
 
 
 def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
@@ -79,21 +112,16 @@ def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
 
 def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen_logps: Tensor,
-                    policy_rejected_logps: Tensor) -> dict[str, float]:
+                    policy_rejected_logps: Tensor) -> dict[str, Tensor]:
     return {
-        "rewards/chosen": float(chosen_rewards.mean()),
-        "rewards/rejected": float(rejected_rewards.mean()),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
         # Strictly greater, as TRL counts it: a tie (e.g. at initialisation) is not a correct ranking.
-        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-        "logps/chosen": float(policy_chosen_logps.detach().float().mean()),
-        "logps/rejected": float(policy_rejected_logps.detach().float().mean()),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen_logps.detach().float().mean(),
+        "logps/rejected": policy_rejected_logps.detach().float().mean(),
     }
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0; got {value}.")
 
 
 def dpo_loss(
@@ -118,7 +146,7 @@ def dpo_loss(
     Returns:
         ``PreferenceLoss``. Equal log-ratios give ``loss = log 2``.
     """
-    _check_positive(beta, "beta")
+    beta = check_hyperparameter(beta, "beta", positive=True)
     chosen_ratio, rejected_ratio = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -127,7 +155,7 @@ def dpo_loss(
     loss = bt_loss(chosen_rewards, rejected_rewards, weights=weights)
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-    metrics["loss/dpo"] = float(loss.detach())
+    metrics["loss/dpo"] = loss.detach()
     return PreferenceLoss(loss, chosen_rewards, rejected_rewards, metrics)
 
 
@@ -146,8 +174,13 @@ def ipo_loss(
 
     The loss is minimal (zero) at ``h = 1/(2 tau)`` for every pair. The reported rewards are
     ``tau * log-ratio`` (TRL's convention, where tau is passed as beta). ``weights`` as for ``dpo_loss``.
+
+    Which log-probabilities: the IPO authors, and TRL's ``loss_type="ipo"``, use the *mean* token log-prob of
+    each response (the summed log-ratio divided by the response's length), so that ``1/(2 tau)`` is a
+    per-token target whatever the lengths; ``rpo_lib.train`` does the same for ``method="ipo"`` unless told
+    otherwise. With summed log-probs the same tau asks for a far larger gap on long responses.
     """
-    _check_positive(tau, "tau")
+    tau = check_hyperparameter(tau, "tau", positive=True)
     chosen_ratio, rejected_ratio = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -155,7 +188,7 @@ def ipo_loss(
     loss = weighted_mean((gap - 1.0 / (2.0 * tau)).pow(2), weights)
     chosen_rewards, rejected_rewards = (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
     metrics = _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
-    metrics["loss/ipo"] = float(loss.detach())
+    metrics["loss/ipo"] = loss.detach()
     return PreferenceLoss(loss, chosen_rewards, rejected_rewards, metrics)
 
 
@@ -191,8 +224,8 @@ def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization 
     if normalization == "seq_mean":
         return -(per_sequence / lengths).mean()
     if token_count is not None:
-        if not token_count > 0:
-            raise ValueError(f"token_count must be > 0 (the number of completion tokens); got {token_count}.")
+        token_count = check_hyperparameter(token_count, "token_count", positive=True,
+                                           hint=" (the number of completion tokens)")
         return -per_sequence.sum() / token_count
     return -per_sequence.sum() / lengths.sum()
 
@@ -263,8 +296,7 @@ def rpo_loss(
         beta: DPO's beta (> 0). eta: weight of the SFT term (>= 0; 0 gives DPO).
         token_count: passed to ``sft_loss`` (``"token_mean"`` under gradient accumulation).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0 turns RPO into DPO); got {eta}.")
+    eta = check_hyperparameter(eta, "eta", hint=" (0 turns RPO into DPO)")
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    beta=beta)
     if chosen_token_logps.shape[0] != policy_chosen_logps.shape[0]:
@@ -275,8 +307,8 @@ def rpo_loss(
     sft = sft_loss(chosen_token_logps, chosen_mask, normalization=normalization, token_count=token_count)
     weight = eta * (beta if scale_by_beta else 1.0)
     loss = dpo.loss + weight * sft
-    metrics = dict(dpo.metrics)
-    metrics.update({"loss/sft": float(sft.detach()), "loss/sft_weighted": float(weight * sft.detach())})
+    metrics = dict(dpo.metric_tensors)
+    metrics.update({"loss/sft": sft.detach(), "loss/sft_weighted": weight * sft.detach()})
     return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
 
 
@@ -316,6 +348,7 @@ def online_kl_loss(
         if not isinstance(tensor, Tensor) or tensor.dim() != 2:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must have shape (B, k), k samples per prompt; got {shape}.")
+        check_not_empty(tensor, name)
         check_finite(tensor, name)
     if sample_logps.shape != ref_sample_logps.shape:
         raise ValueError(
@@ -362,12 +395,20 @@ def hypo_loss(
         sample_logps, ref_sample_logps: (B', k) online samples (B' prompts, need not equal B).
         beta: DPO's beta (> 0). lam: weight of the reverse-KL term (>= 0; 0 gives DPO).
     """
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0 (0 turns HyPO into DPO); got {lam}.")
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    beta=beta)
+    online = hypo_online_term(sample_logps, ref_sample_logps, lam=lam)
+    return PreferenceLoss(dpo.loss + online.loss, dpo.chosen_rewards, dpo.rejected_rewards,
+                          {**dpo.metric_tensors, **online.metric_tensors})
+
+
+def hypo_online_term(sample_logps: Tensor, ref_sample_logps: Tensor, *, lam: float) -> LossTerm:
+    """HyPO's online term alone: ``lam * online_kl_loss(...)``, with metrics ``kl/online`` and ``loss/kl_weighted``.
+
+    ``hypo_loss`` is ``dpo_loss`` plus this term. A training loop may backpropagate the two separately (the
+    gradient of a sum is the sum of the gradients), so that the offline pairs' activations are freed before
+    the online samples are scored; ``rpo_lib.train`` does.
+    """
+    lam = check_hyperparameter(lam, "lam", hint=" (0 turns HyPO into DPO)")
     kl_loss, kl = online_kl_loss(sample_logps, ref_sample_logps)
-    loss = dpo.loss + lam * kl_loss
-    metrics = dict(dpo.metrics)
-    metrics.update({"kl/online": float(kl), "loss/kl_weighted": float(lam * kl)})
-    return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
+    return LossTerm(lam * kl_loss, {"kl/online": kl, "loss/kl_weighted": lam * kl})

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rpo_lib.bandit import kl_gradient_estimates
+from rpo_lib.bt import bt_loss
 from rpo_lib.losses import (RPO_VARIANTS, dpo_loss, hypo_loss, ipo_loss, online_kl_loss, rpo_loss,
                             sft_loss)
 
@@ -185,14 +186,66 @@ def test_non_finite_log_probs_are_refused():
 
 def test_bad_hyperparameters_are_refused():
     values = _pairs()
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         dpo_loss(*values, beta=0.0)
-    with pytest.raises(ValueError, match="tau must be > 0"):
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
         ipo_loss(*values, tau=-1.0)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         rpo_loss(*values, torch.zeros(4, 2), torch.ones(4, 2), beta=0.1, eta=-1.0)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         hypo_loss(*values, torch.zeros(4, 2), torch.zeros(4, 2), beta=0.1, lam=-1.0)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: dpo_loss(*v, beta=NAN), "beta"),
+    (lambda v: dpo_loss(*v, beta=INF), "beta"),
+    (lambda v: ipo_loss(*v, tau=NAN), "tau"),
+    (lambda v: ipo_loss(*v, tau=INF), "tau"),
+    (lambda v: rpo_loss(*v, torch.zeros(4, 2), torch.ones(4, 2), beta=0.1, eta=NAN), "eta"),
+    (lambda v: rpo_loss(*v, torch.zeros(4, 2), torch.ones(4, 2), beta=0.1, eta=INF), "eta"),
+    (lambda v: rpo_loss(*v, torch.zeros(4, 2), torch.ones(4, 2), beta=NAN, eta=0.1), "beta"),
+    (lambda v: hypo_loss(*v, torch.zeros(4, 2), torch.zeros(4, 2), beta=0.1, lam=NAN), "lam"),
+    (lambda v: hypo_loss(*v, torch.zeros(4, 2), torch.zeros(4, 2), beta=0.1, lam=INF), "lam"),
+    (lambda v: sft_loss(torch.zeros(2, 3), torch.ones(2, 3), normalization="token_mean", token_count=NAN),
+     "token_count"),
+    (lambda v: dpo_loss(*v, beta="0.1"), "beta"),
+])
+def test_nan_or_infinite_hyperparameters_raise_instead_of_a_silent_nan(call, name):
+    with pytest.raises(ValueError, match=f"{name} must be a"):
+        call(_pairs())
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: dpo_loss(e, e, e, e, beta=0.1),
+    lambda e: ipo_loss(e, e, e, e, tau=0.1),
+    lambda e: sft_loss(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.bool)),
+    lambda e: rpo_loss(e, e, e, e, torch.zeros(0, 3), torch.zeros(0, 3), beta=0.1, eta=1.0),
+    lambda e: online_kl_loss(torch.zeros(0, 2), torch.zeros(0, 2)),
+    lambda e: hypo_loss(*_pairs(), torch.zeros(0, 2), torch.zeros(0, 2), beta=0.1, lam=0.1),
+    lambda e: bt_loss(e, e),
+])
+def test_an_empty_batch_raises_instead_of_a_silent_nan(call):
+    with pytest.raises(ValueError, match="empty"):
+        call(torch.zeros(0))
+
+
+def test_deferred_checks_read_back_once_and_still_raise():
+    from rpo_lib._checks import deferred_checks
+
+    values = _pairs()
+    bad = values[1].clone()
+    bad[2] = NAN
+    with deferred_checks() as checks:
+        out = dpo_loss(values[0], bad, values[2], values[3], beta=0.1)  # no error yet: recorded, not read
+        assert torch.isnan(out.loss)
+        with pytest.raises(ValueError, match="policy_rejected_logps holds 1 non-finite"):
+            checks.verify()
+    with deferred_checks() as checks:
+        dpo_loss(*values, beta=0.1)
+        checks.verify()  # nothing to report
 
 
 def test_online_kl_needs_two_samples_per_prompt():
@@ -255,15 +308,60 @@ def test_online_kl_value_reads_as_kl():
     assert loss.item() == pytest.approx(kl.item()) == pytest.approx((0.5 + 0.5 + 0.5 - 1.0) / 4)
 
 
-def test_hypo_is_dpo_plus_lambda_times_online_kl():
-    values = _pairs(requires_grad=True)
-    samples = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
-    ref_samples = torch.tensor([[-1.5, -2.5], [-1.0, -2.0]])
-    out = hypo_loss(*values, samples, ref_samples, beta=0.1, lam=0.25)
-    kl_loss, kl = online_kl_loss(samples, ref_samples)
-    expected = dpo_loss(*values, beta=0.1).loss + 0.25 * kl_loss
-    assert torch.isclose(out.loss, expected)
-    assert out.metrics["kl/online"] == pytest.approx(kl.item())
-    (grad_hypo,) = torch.autograd.grad(out.loss, samples)
-    (grad_kl,) = torch.autograd.grad(kl_loss, samples)
-    assert torch.allclose(grad_hypo, 0.25 * grad_kl)
+def _hypo_bandit(seed=0):
+    """One prompt, 5 responses: policy logits theta, reference logits, one offline pair (y+ = 1, y- = 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(5, generator=generator, dtype=torch.float64)
+    ref = torch.randn(5, generator=generator, dtype=torch.float64)
+    return theta, ref, 1, 3
+
+
+def _exact_hypo_objective(theta, ref, chosen, rejected, beta, lam):
+    """DPO + lam * KL(pi || pi_ref), written out from Song et al. eq. 7 with the exact KL (no sampling)."""
+    log_pi, log_ref = torch.log_softmax(theta, 0), torch.log_softmax(ref, 0)
+    margin = beta * ((log_pi[chosen] - log_ref[chosen]) - (log_pi[rejected] - log_ref[rejected]))
+    dpo = torch.log1p(torch.exp(-margin))
+    kl = (log_pi.exp() * (log_pi - log_ref)).sum()
+    return dpo + lam * kl
+
+
+def _hypo_estimate(theta, ref, chosen, rejected, beta, lam, prompts, k, generator):
+    """hypo_loss's gradient in theta from `prompts` copies of the prompt, k policy samples each."""
+    theta = theta.detach().clone().requires_grad_(True)
+    log_pi, log_ref = torch.log_softmax(theta, 0), torch.log_softmax(ref, 0)
+    draws = torch.multinomial(log_pi.detach().exp(), prompts * k, replacement=True, generator=generator)
+    draws = draws.view(prompts, k)
+    pair = [log_pi[chosen].expand(prompts), log_pi[rejected].expand(prompts),
+            log_ref[chosen].expand(prompts), log_ref[rejected].expand(prompts)]
+    out = hypo_loss(*pair, log_pi[draws], log_ref[draws], beta=beta, lam=lam)
+    (grad,) = torch.autograd.grad(out.loss, theta)
+    return grad, out
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_hypo_gradient_is_unbiased_for_dpo_plus_lambda_times_the_exact_kl(k):
+    """An independent check: on a bandit, the exact objective DPO + lam * KL(pi||pi_ref) has a gradient
+    autograd computes in closed form; hypo_loss's Monte-Carlo gradients average to it (within 5 SE), and the
+    same check rejects a lam that is off by 20%."""
+    theta, ref, chosen, rejected = _hypo_bandit()
+    beta, lam = 0.5, 0.8
+    target = theta.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(_exact_hypo_objective(target, ref, chosen, rejected, beta, lam), target)
+    generator = torch.Generator().manual_seed(1)
+    grads = torch.stack([_hypo_estimate(theta, ref, chosen, rejected, beta, lam, 2000, k, generator)[0]
+                         for _ in range(40)])
+    mean, se = grads.mean(0), grads.std(0) / len(grads) ** 0.5
+    assert ((mean - exact).abs() < 5 * se + 1e-9).all(), (mean, exact, se)
+    (wrong,) = torch.autograd.grad(_exact_hypo_objective(target, ref, chosen, rejected, beta, 0.8 * lam), target)
+    assert ((mean - wrong).abs() > 5 * se).any()
+
+
+def test_hypo_value_is_dpo_plus_lambda_times_the_sampled_kl():
+    theta, ref, chosen, rejected = _hypo_bandit(seed=2)
+    grad, out = _hypo_estimate(theta, ref, chosen, rejected, 0.5, 0.8, 3, 2, torch.Generator().manual_seed(3))
+    log_pi, log_ref = torch.log_softmax(theta, 0), torch.log_softmax(ref, 0)
+    margin = 0.5 * float((log_pi[chosen] - log_ref[chosen]) - (log_pi[rejected] - log_ref[rejected]))
+    dpo = math.log1p(math.exp(-margin))
+    assert out.metrics["loss/dpo"] == pytest.approx(dpo, rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(dpo + 0.8 * out.metrics["kl/online"], rel=1e-6)
+    assert out.metrics["loss/kl_weighted"] == pytest.approx(0.8 * out.metrics["kl/online"], rel=1e-6)
