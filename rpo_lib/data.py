@@ -26,15 +26,17 @@ every row dropped                         ``ValueError`` with the counts
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DataReport", "PreferenceExample", "SFTExample", "collate_preferences", "collate_sft", "pad_rows",
-           "tokenize_preferences", "tokenize_sft"]
+__all__ = ["DataReport", "PreferenceExample", "SFTExample", "collate_preferences", "collate_sft", "fingerprint",
+           "pad_rows", "tokenize_preferences", "tokenize_sft"]
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "completion")
@@ -220,3 +222,14 @@ def collate_preferences(examples: Sequence[PreferenceExample], pad_token_id: int
 def collate_sft(examples: Sequence[SFTExample], pad_token_id: int) -> dict[str, Tensor]:
     """One batch of B prompt + completion rows."""
     return pad_rows([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_token_id)
+
+
+def fingerprint(examples: Sequence[SFTExample | PreferenceExample]) -> str:
+    """SHA-256 of the tokenized examples, in order: equal exactly when the token ids are (a checkpoint records
+    it, so that a resumed run can tell that it is given the same data)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for ids in (getattr(example, f.name) for f in fields(example)):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(array("q", ids).tobytes())
+    return digest.hexdigest()

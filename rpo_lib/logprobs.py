@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from rpo_lib._checks import check_token_inputs
+from rpo_lib._checks import check_token_inputs, require
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "completion_logprobs", "reduce_token_logprobs", "sequence_logprobs",
            "token_logprobs"]
@@ -109,8 +109,10 @@ def token_logprobs(
     # Masked labels may be -100 or out of range: any valid id will do, the result is zeroed there.
     full_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1) if shift else mask
     targets = torch.where(full_mask, targets, torch.zeros_like(targets)).long()
-    if bool((targets < 0).any()) or bool((targets >= vocab).any()):
-        raise ValueError(f"a completion label lies outside the vocabulary [0, {vocab}): check the tokenizer.")
+    valid = (targets >= 0) & (targets < vocab)
+    require(valid.all(), lambda: f"a completion label lies outside the vocabulary [0, {vocab}): check that the "
+                                 f"tokenizer belongs to the model (len(tokenizer) <= the model's vocab_size).")
+    targets = torch.where(valid, targets, torch.zeros_like(targets))  # a deferred check must not index out of range
     chunk_rows = max(1, int(chunk_elements) // vocab)
     values = _LabelLogProbs.apply(logits, targets, chunk_rows)  # (B, T)
     if shift:
@@ -159,13 +161,14 @@ def completion_logprobs(
     """Run a causal LM on prompt+completion rows and score the completions.
 
     Args:
-        model: a Hugging Face causal LM (anything whose call returns an object with ``.logits``).
-        input_ids, attention_mask: (B, T) the tokenised prompt + completion, padded.
+        model: a Hugging Face causal LM (called with ``input_ids``, ``attention_mask`` and ``use_cache=False``:
+            a scoring pass has no use for a KV cache, which would only take memory).
+        input_ids, attention_mask: (B, T) the tokenised prompt + completion, right-padded.
         completion_mask: (B, T) 1 on completion tokens only.
     Returns:
         ``(sequence_logps (B,), token_logps (B, T-1), mask (B, T-1))``: the first feeds the preference
         losses, the other two feed ``rpo_lib.losses.sft_loss``.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     token_logps, mask = token_logprobs(logits, input_ids, completion_mask, chunk_elements=chunk_elements)
     return reduce_token_logprobs(token_logps, mask, reduction=reduction), token_logps, mask

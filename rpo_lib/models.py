@@ -6,11 +6,16 @@ these tiny ones let the tests and the CPU notebooks run the genuine transformers
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["TinyLMConfig", "tiny_causal_lm", "with_lora"]
+__all__ = ["TinyLMConfig", "disable_dropout", "find_dropout", "keep_4bit_trainable_on_cpu", "tiny_causal_lm",
+           "with_lora"]
+
+_DROPOUT_NAME = re.compile(r"dropout|pdrop")
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,88 @@ def with_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _dropout_fields(owner: Any, prefix: str, found: list[str], zero: bool) -> None:
+    """The non-zero float fields named like ``*dropout*`` / ``*pdrop*`` of an object (set to 0 if ``zero``)."""
+    for name, value in list(vars(owner).items()):
+        if _DROPOUT_NAME.search(name) and isinstance(value, float) and value != 0.0:
+            if zero:
+                setattr(owner, name, 0.0)
+            found.append(f"{prefix}{name}")
+
+
+def _walk_dropout(model: Any, zero: bool) -> list[str]:
+    found: list[str] = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != 0.0:
+            if zero:
+                module.p = 0.0
+            found.append(f"{name or type(module).__name__}.p")
+        _dropout_fields(module, prefix, found, zero)
+    config = getattr(model, "config", None)
+    configs = [("config.", config)] if config is not None else []
+    for key, value in (vars(config).items() if config is not None else []):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # sub-configs (text_config, ...)
+            configs.append((f"config.{key}.", value))
+    for adapter, peft_config in (getattr(model, "peft_config", None) or {}).items():
+        configs.append((f"peft_config[{adapter!r}].", peft_config))
+    for prefix, owner in configs:
+        _dropout_fields(owner, prefix, found, zero)
+    return found
+
+
+def find_dropout(model: Any) -> list[str]:
+    """The names of every non-zero dropout of ``model`` (what ``disable_dropout`` would turn off)."""
+    return _walk_dropout(model, zero=False)
+
+
+def disable_dropout(model: Any) -> list[str]:
+    """Turn every dropout of ``model`` off, so that train mode computes what eval mode computes.
+
+    Preference losses compare the policy's log-probabilities with the reference's, and HyPO scores the
+    samples it drew: with dropout active in the training forward only, ``pi == pi_ref`` no longer gives a zero
+    margin or a zero KL, and the online KL estimate is biased. Covered:
+
+    - ``nn.Dropout`` modules (and their 1-3d kinds), LoRA's ``lora_dropout`` included;
+    - float attributes named ``*dropout*`` or ``*pdrop*`` on modules, which attention implementations pass to
+      ``scaled_dot_product_attention`` (Llama/Phi ``attention_dropout``; OPT keeps every rate this way);
+    - the same fields of ``model.config`` (and its sub-configs) and of a PEFT model's ``peft_config``, so a
+      saved model says what was trained.
+
+    Returns the names of what was changed (empty if there was no dropout). TRL's ``disable_dropout=True``
+    does the first point only.
+    """
+    return _walk_dropout(model, zero=True)
+
+
+def keep_4bit_trainable_on_cpu(model: Any) -> int:
+    """Keep a bitsandbytes 4-bit model's layers differentiable on a CPU; returns how many layers were changed.
+
+    On a CPU with AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4, ...), bitsandbytes 0.50 repacks a
+    ``Linear4bit`` weight into an inference-only layout the first time the layer runs in eval mode without
+    gradients (as a reference pass or sampling does), and from then on multiplies with ``gemv_4bit``, which has
+    no backward: no gradient flows through the layer's input any more, so every LoRA adapter below it gets a
+    wrong gradient, silently (torch only warns). The same model on a CPU without AVX512-BF16 trains correctly.
+    This turns the repacking off and undoes it where it has happened. A GPU is not affected; the cost on a CPU
+    is the fused inference kernel's speed.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            changed += 1
+    return changed

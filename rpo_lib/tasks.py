@@ -235,7 +235,7 @@ class TopicTask:
                                         tokenizer.pad_token_id)
 
         def evaluate(trainer: Any) -> dict[str, float]:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device=trainer.device).manual_seed(seed)  # draws stay on the device
             samples = trainer.sample(prompts, k=samples_per_prompt, max_new_tokens=max_new_tokens,
                                      generator=generator)
             policy_logps, ref_logps = trainer.score(samples)

@@ -4,29 +4,52 @@
 
     from rpo_lib.train import Trainer, preset
     config = preset("tiny", method="rpo", eta=1.0, max_steps=300)
-    trainer = Trainer(model, tokenizer, rows, config)        # rows: {"prompt", "chosen", "rejected"}
+    trainer = Trainer(model, tokenizer, rows, config)        # rows: {"prompt", "chosen", "rejected"}, or chats
     history = trainer.train()                                # resume later with trainer.train(resume=True)
     steps, margins = history.series("rewards/margins")
 
 The losses are ``rpo_lib.losses``' pure functions; this module feeds them: it tokenizes and checks the rows
-(``rpo_lib.data``; dropped rows are reported), computes log-probabilities (``rpo_lib.logprobs``; summed over
-completion tokens unless ``logp_reduction="mean"``), gets the reference's log-probabilities, draws HyPO's
-online samples (``rpo_lib.sample``), accumulates gradients over micro-batches, steps AdamW with warm-up and
-a schedule, logs, evaluates and checkpoints.
+(``rpo_lib.data``; dropped rows are reported), computes log-probabilities (``rpo_lib.logprobs``), gets the
+reference's log-probabilities, draws HyPO's online samples (``rpo_lib.sample``), accumulates gradients over
+micro-batches, steps AdamW with warm-up and a schedule, logs, evaluates and checkpoints
+(``rpo_lib.checkpoints``).
+
+Log-probabilities. ``log pi(y|x)`` is the sum over the completion's tokens for DPO, RPO and HyPO (the exact
+log-probability, as the papers and TRL use it) and the mean for IPO (the IPO authors' form and TRL's
+``loss_type="ipo"``); ``logp_reduction`` overrides it for the offline pairs. HyPO's online KL always uses
+sums: it estimates ``KL(pi || pi_ref)`` of whole responses.
+
+Dropout is turned off in the policy and the reference (``disable_dropout=True``, ``rpo_lib.models``), as TRL
+does, so that a policy equal to ``pi_ref`` gives zero margins and a zero online KL.
 
 The reference policy ``pi_ref`` is, in this order: the ``ref_model`` you pass; for a PEFT model, the same
 model with its adapter disabled (no second copy in memory); otherwise a frozen copy of the model as it is
 when the trainer is made. ``precompute_ref_logps=True`` scores the pairs once under ``pi_ref`` before
-training; for full fine-tuning without HyPO or an evaluator this also avoids the copy.
+training (``precompute_ref_batch_size`` pairs per pass); for full fine-tuning without HyPO or an evaluator
+this also avoids the copy.
+
+Batches. Every epoch is a fresh seeded permutation of the pairs, cut into ``batch_size`` pieces; the last
+piece of an epoch is smaller when ``batch_size`` does not divide the data (as a PyTorch ``DataLoader`` with
+``drop_last=False``), so no batch holds a pair twice.
 
 Gradient accumulation is exact: a micro-batch's loss is weighted by its share of the batch's pairs, and the
 token-mean SFT normalisation divides by the whole batch's token count, so one step on ``batch_size`` pairs
-gives the same update whatever ``micro_batch_size`` is (tests/test_train.py checks it).
+gives the same update whatever ``micro_batch_size`` is (tests/test_train.py checks it). HyPO draws the whole
+step's online samples first, in as few generation loops as the KV cache's memory allows
+(``online_sample_rows``), before any activation is alive; each micro-batch then backpropagates its offline
+loss before it scores its online samples, so the two never hold activations at the same time.
 
-Checkpoints (``checkpoint_dir``) are single files written to a temporary name and renamed into place, so an
-interruption (Ctrl-C, a crash, a full disk) never leaves a half-written file where the last good checkpoint
-stood. A checkpoint holds the trainable weights, optimizer, schedule, RNG states and history; resuming from
-one reproduces the uninterrupted run's metrics exactly.
+The device is read back once per step: metrics stay tensors on the device, the input checks of the losses
+are recorded and verified together with them (``rpo_lib._checks.deferred_checks``), and a non-finite loss or
+gradient norm stops the run before the optimizer steps.
+
+Checkpoints (``checkpoint_dir``) are written atomically and loaded with ``weights_only=True``
+(``rpo_lib.checkpoints``). A checkpoint holds the trainable weights, optimizer, schedule, RNG states (CPU,
+CUDA, MPS, Python, NumPy, HyPO's generator), history and a description of the run: the settings, a
+fingerprint of the tokenized data and the trainable parameters' shapes. Resuming checks all three, lists
+every difference, and loads nothing unless they agree; it then reproduces the uninterrupted run exactly. An
+unreadable newest checkpoint is reported and the newest intact one is used. A new run refuses a directory
+that holds checkpoints unless told to resume or to overwrite them.
 """
 
 from __future__ import annotations
@@ -34,10 +57,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,23 +70,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rpo_lib import losses
-from rpo_lib.data import SFTExample, collate_preferences, collate_sft, tokenize_preferences, tokenize_sft
+from rpo_lib import checkpoints, losses
+from rpo_lib._checks import DeferredChecks, deferred_checks
+from rpo_lib.checkpoints import latest_checkpoint
+from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
+                          tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.sample import Samples, sample
+from rpo_lib.models import disable_dropout, find_dropout, keep_4bit_trainable_on_cpu
+from rpo_lib.sample import Samples, rows_that_fit, sample
 
 __all__ = ["METHODS", "PRESETS", "History", "Method", "TrainConfig", "Trainer", "latest_checkpoint", "preset"]
 
 Method = Literal["sft", "dpo", "ipo", "rpo", "hypo"]
 METHODS = ("sft", "dpo", "ipo", "rpo", "hypo")
 Schedule = Literal["constant", "linear", "cosine"]
+Reduction = Literal["sum", "mean"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides the model, the tokenizer and the data. Defaults suit a tiny CPU model.
 
-    Use ``preset(name, **changes)`` for the named starting points in ``PRESETS``.
+    Use ``preset(name, **changes)`` for the named starting points in ``PRESETS``. Every field is checked when
+    the config is made (type, range, and how fields fit together); an error lists every problem.
     """
 
     # --- what to optimise (math.md sections 3, 6, 7) -------------------------------------------------
@@ -74,8 +104,8 @@ class TrainConfig:
     lam: float = 0.05  # HyPO: weight of the online reverse KL
     k_online: int = 2  # HyPO: samples per prompt (RLOO needs >= 2)
     online_max_new_tokens: int = 32  # HyPO: longest online sample
-    online_temperature: float = 1.0  # HyPO: sampling temperature (1 = the policy itself, as the KL needs)
-    logp_reduction: Literal["sum", "mean"] = "sum"  # log pi(y|x) over tokens: "sum" is the exact log-prob
+    online_temperature: float = 1.0  # sampling temperature; HyPO needs 1 (samples of the policy itself)
+    logp_reduction: Reduction | None = None  # log pi(y|x) of the pairs: None = the method's own (see module doc)
     # --- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -89,43 +119,102 @@ class TrainConfig:
     max_length: int = 64  # longest prompt + completion in tokens (longer completions are cut, counted)
     max_prompt_length: int | None = None  # drop rows (counted) whose prompt is longer
     gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+    disable_dropout: bool = True  # turn every dropout off (policy and reference), as TRL does
     seed: int = 0  # data order, online samples and every other random draw
+    # --- memory ----------------------------------------------------------------------------------------
+    precompute_ref_logps: bool = False  # score the pairs under pi_ref once, before training
+    precompute_ref_batch_size: int | None = None  # pairs per no-grad pass of that; None: 4 x micro-batch
+    online_sample_rows: int | None = None  # HyPO: most sequences per generation loop; None: fit the KV cache
+    #                                        into half the GPU memory left after loading (one loop on a CPU)
     # --- bookkeeping -------------------------------------------------------------------------------------
     eval_every: int = 0  # run the evaluator every this many steps (and before and after); 0: before/after only
     checkpoint_dir: str | None = None  # where checkpoints go; None: no checkpoints
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept
-    precompute_ref_logps: bool = False  # score the pairs under pi_ref once, before training
     progress: bool = True  # a tqdm progress bar with the live loss
     device: str | None = None  # None: CUDA, then MPS, then CPU
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {METHODS}; got {self.method!r}")
-        if self.rpo_variant not in losses.RPO_VARIANTS:
-            problems.append(f"rpo_variant must be one of {sorted(losses.RPO_VARIANTS)}; got {self.rpo_variant!r}")
-        if self.sft_normalization not in ("sum", "seq_mean", "token_mean"):
-            problems.append(f"sft_normalization must be sum, seq_mean or token_mean; got {self.sft_normalization!r}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            problems.append(f"lr_schedule must be constant, linear or cosine; got {self.lr_schedule!r}")
-        if self.logp_reduction not in ("sum", "mean"):
-            problems.append(f"logp_reduction must be 'sum' or 'mean'; got {self.logp_reduction!r}")
-        for name in ("beta", "learning_rate", "batch_size", "max_steps", "max_length", "online_max_new_tokens"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0; got {getattr(self, name)}")
-        for name in ("eta", "lam", "weight_decay", "warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.micro_batch_size is not None and not 0 < self.micro_batch_size <= self.batch_size:
-            problems.append(f"micro_batch_size must lie in [1, batch_size={self.batch_size}]; "
-                            f"got {self.micro_batch_size}")
-        if self.method == "hypo" and self.k_online < 2:
-            problems.append(f"HyPO's RLOO estimate needs k_online >= 2; got {self.k_online}")
-        if self.keep_checkpoints < 1:
-            problems.append(f"keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
+        problems = _problems(self)
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def reduction(self) -> Reduction:
+        """How the offline pairs' token log-probs are reduced: ``logp_reduction``, or the method's own."""
+        if self.logp_reduction is not None:
+            return self.logp_reduction
+        return "mean" if self.method == "ipo" else "sum"
+
+
+# What each field may hold: (kind, bound). Kinds: "real" (finite number), "int", "bool", "choice", "text",
+# "betas"; a trailing "?" allows None. tests/test_train.py checks that every field has a rule.
+_FIELD_RULES: dict[str, tuple[str, Any]] = {
+    "method": ("choice", METHODS), "beta": ("real", "> 0"), "eta": ("real", ">= 0"),
+    "rpo_variant": ("choice", tuple(losses.RPO_VARIANTS)),
+    "sft_normalization": ("choice", ("sum", "seq_mean", "token_mean")), "lam": ("real", ">= 0"),
+    "k_online": ("int", ">= 1"), "online_max_new_tokens": ("int", ">= 1"), "online_temperature": ("real", "> 0"),
+    "logp_reduction": ("choice?", ("sum", "mean")), "learning_rate": ("real", "> 0"),
+    "weight_decay": ("real", ">= 0"), "adam_betas": ("betas", None), "warmup_steps": ("int", ">= 0"),
+    "lr_schedule": ("choice", ("constant", "linear", "cosine")), "max_grad_norm": ("real?", "> 0"),
+    "batch_size": ("int", ">= 1"), "micro_batch_size": ("int?", ">= 1"), "max_steps": ("int", ">= 1"),
+    "max_length": ("int", ">= 2"), "max_prompt_length": ("int?", ">= 1"), "gradient_checkpointing": ("bool", None),
+    "disable_dropout": ("bool", None), "seed": ("int", ">= 0"), "precompute_ref_logps": ("bool", None),
+    "precompute_ref_batch_size": ("int?", ">= 1"), "online_sample_rows": ("int?", ">= 1"),
+    "eval_every": ("int", ">= 0"), "checkpoint_dir": ("text?", None), "save_every": ("int", ">= 0"),
+    "keep_checkpoints": ("int", ">= 1"), "progress": ("bool", None), "device": ("text?", None),
+}
+
+
+def _field_problem(name: str, value: Any, kind: str, bound: Any) -> str | None:
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"{name} must be True or False; got {value!r}"
+    if kind == "choice":
+        return None if value in bound else f"{name} must be one of {list(bound)}; got {value!r}"
+    if kind == "text":
+        return None if isinstance(value, (str, os.PathLike)) else f"{name} must be text; got {value!r}"
+    if kind == "betas":
+        ok = (isinstance(value, (tuple, list)) and len(value) == 2
+              and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in value))
+        return None if ok else f"{name} must be two numbers in [0, 1), e.g. (0.9, 0.999); got {value!r}"
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return f"{name} must be a whole number; got {value!r} ({type(value).__name__})"
+    if kind == "real" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                           or not math.isfinite(value)):
+        return f"{name} must be a finite number; got {value!r}"
+    limit = int(bound.split()[1])
+    if (bound.startswith(">=") and value < limit) or (bound.startswith("> ") and value <= limit):
+        return f"{name} must be {bound}; got {value!r}"
+    return None
+
+
+def _problems(config: TrainConfig) -> list[str]:
+    """Every problem of ``config``, each a clause that says what to fix."""
+    problems = []
+    for item in dataclasses.fields(config):
+        kind, bound = _FIELD_RULES[item.name]
+        problem = _field_problem(item.name, getattr(config, item.name), kind, bound)
+        if problem:
+            problems.append(problem)
+    if problems:  # the relations below assume well-typed fields
+        return problems
+    if config.micro_batch_size is not None and config.micro_batch_size > config.batch_size:
+        problems.append(f"micro_batch_size must lie in [1, batch_size={config.batch_size}]; "
+                        f"got {config.micro_batch_size}")
+    if config.max_prompt_length is not None and config.max_prompt_length >= config.max_length:
+        problems.append(f"max_prompt_length must be below max_length={config.max_length} (a completion needs "
+                        f"room); got {config.max_prompt_length}")
+    if config.method == "hypo":
+        if config.k_online < 2:
+            problems.append(f"HyPO's RLOO estimate needs k_online >= 2; got {config.k_online}")
+        if config.online_temperature != 1:
+            problems.append(f"HyPO's online KL needs samples of the policy itself (online_temperature=1); with "
+                            f"{config.online_temperature} the estimate of KL(pi || pi_ref) is biased")
+    return problems
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -135,12 +224,21 @@ PRESETS: dict[str, TrainConfig] = {
     # A 7B model in 4-bit with a LoRA adapter on one 24-80 GB GPU. beta and eta are Liu et al.'s published
     # zephyr-7b-beta values with the alignment-handbook normalisation (RPO_VARIANTS["handbook"]); the learning
     # rate is a usual LoRA DPO value. 64 pairs per step = 32 micro-batches of 2; one UltraFeedback epoch
-    # (~61k pairs) is ~950 steps.
+    # (~61k pairs) is ~950 steps. The reference pass without gradients takes 16 pairs at a time.
     "qlora_7b": TrainConfig(method="rpo", beta=0.01, eta=0.005, rpo_variant="handbook", learning_rate=5e-5,
                             batch_size=64, micro_batch_size=2, max_length=1024, max_prompt_length=512,
                             warmup_steps=50, lr_schedule="cosine", max_steps=950, gradient_checkpointing=True,
-                            lam=1e-4, online_max_new_tokens=256, precompute_ref_logps=False, save_every=100),
+                            lam=1e-4, online_max_new_tokens=256, precompute_ref_logps=False,
+                            precompute_ref_batch_size=16, save_every=100),
 }
+
+# Settings that may differ on resume: they change how a step is computed or recorded, not what it computes
+# (accumulation is exact, evaluations and checkpoints do not touch training). max_steps may grow: the
+# schedule is then computed for the new length (a note says so).
+RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "precompute_ref_batch_size",
+                         "online_sample_rows", "eval_every", "checkpoint_dir", "save_every", "keep_checkpoints",
+                         "progress", "device", "max_steps"})
+_GPU_MEMORY_FOR_SAMPLING = 0.5  # share of the GPU memory left after loading that HyPO's KV cache may take
 
 
 def preset(name: str, **changes: Any) -> TrainConfig:
@@ -169,12 +267,6 @@ class History(list):
         return {key for row in self for key in row}
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint file in ``directory`` (temporary files are ignored), or None."""
-    files = sorted(Path(directory).glob("checkpoint-*.pt"))
-    return files[-1] if files else None
-
-
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
@@ -191,14 +283,58 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _read_back(values: Mapping[str, Tensor], checks: DeferredChecks | None = None) -> dict[str, float]:
+    """Device scalars -> floats in one transfer; the deferred checks' failures are raised first."""
+    names = list(values)
+    device = next(iter(values.values())).device
+    flags = checks.flags() if checks is not None else None
+    parts = [value.detach().to(device=device, dtype=torch.float32).reshape(1) for value in values.values()]
+    numbers_read = torch.cat(parts + ([flags.to(device)] if flags is not None else [])).tolist()
+    if checks is not None and flags is not None:
+        checks.raise_first_failure(numbers_read[len(names):])
+    return dict(zip(names, numbers_read[:len(names)], strict=True))
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random number generator that a step may draw from, as plain data (weights_only-safe)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(), "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            print(f"rpo_lib.train: the checkpoint has the RNG states of {len(state['cuda'])} GPU(s), this machine "
+                  f"has {torch.cuda.device_count()}: CUDA random draws will differ from the original run.")
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
 class Trainer:
     """Trains ``model`` with ``config.method`` on ``rows``; see the module docstring.
 
     Args:
         model: a Hugging Face causal LM, or a PEFT model wrapping one (only trainable parameters are updated).
         tokenizer: its tokenizer (needs an EOS token; the pad token falls back to EOS).
-        rows: SFT rows ``{"prompt", "completion"}`` for ``method="sft"``, else preference rows
-            ``{"prompt", "chosen", "rejected"}``; a list of dicts or a ``datasets.Dataset``.
+        rows: SFT rows (``{"prompt", "completion"}`` or ``{"messages"}``) for ``method="sft"``, else preference
+            rows (``{"prompt", "chosen", "rejected"}``, or chats: see ``rpo_lib.data``); a list of dicts or a
+            ``datasets.Dataset``.
         config: a ``TrainConfig`` (``preset("tiny")`` etc.).
         ref_model: the reference policy, if not the model itself as it is now (see the module docstring).
         evaluate: ``evaluate(trainer) -> {name: float}``, run before training, every ``eval_every`` steps and
@@ -209,11 +345,21 @@ class Trainer:
                  ref_model: Any = None, evaluate: Callable[[Trainer], dict[str, float]] | None = None) -> None:
         from rpo_lib.env import device as pick_device
 
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig (e.g. preset('tiny')); got {type(config).__name__}.")
         self.config = config
         self.tokenizer = tokenizer
         self.evaluate = evaluate
         self.device = pick_device(config.device)
         self.model = self._place(model)
+        if config.disable_dropout:
+            disable_dropout(self.model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+        elif config.method == "hypo" and find_dropout(self.model):
+            raise ValueError(f"HyPO scores its own samples in train mode, so with dropout on "
+                             f"({', '.join(find_dropout(self.model)[:3])} ...) its KL estimate is biased: keep "
+                             f"disable_dropout=True.")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         tokenize = tokenize_sft if config.method == "sft" else tokenize_preferences
         self.examples: list[Any]
@@ -221,6 +367,7 @@ class Trainer:
                                               max_prompt_length=config.max_prompt_length)
         if self.report.n_dropped or self.report.truncated:
             print(f"rpo_lib.train: {self.report}")  # nothing is dropped silently (rpo_lib.data)
+        self.data_fingerprint = fingerprint(self.examples)
         self.history = History()
         self.seconds = 0.0
         self.step = 0
@@ -234,9 +381,10 @@ class Trainer:
                              "them, or add a LoRA adapter (rpo_lib.models.with_lora).")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, config))
-        self.online_generator = torch.Generator().manual_seed(config.seed + 1)
-        self._permutations: dict[int, Tensor] = {}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, self.config))
+        self.online_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.online_sample_rows = self._online_rows() if config.method == "hypo" else None
+        self._permutation: tuple[int, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------- set-up
     def _place(self, model: Any) -> Any:
@@ -245,6 +393,8 @@ class Trainer:
             model = model.to(self.device)
         else:
             self.device = next(model.parameters()).device
+        if quantized and self.device.type == "cpu":
+            keep_4bit_trainable_on_cpu(model)  # bitsandbytes' CPU inference packing has no backward
         return model
 
     def _reference(self, ref_model: Any) -> Any:
@@ -259,76 +409,116 @@ class Trainer:
             return None
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def _forward(self, model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _online_rows(self) -> int | None:
+        """Sequences per HyPO generation loop: the config's, else what half the free GPU memory holds.
+
+        Computed once, when the trainer is made (from the memory left after loading), so that the same
+        set-up always cuts the samples the same way; a checkpoint records it for the resumed run."""
+        config = self.config
+        if config.online_sample_rows is not None:
+            return config.online_sample_rows
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        free = torch.cuda.get_device_properties(index).total_memory - torch.cuda.memory_reserved(index)
+        tokens = config.max_length + config.online_max_new_tokens
+        return rows_that_fit(self.model, tokens, _GPU_MEMORY_FOR_SAMPLING * free)
+
+    def _forward(self, model: Any, batch: Mapping[str, Tensor], reduction: Reduction | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         """``completion_logprobs`` of right-padded rows: (sequence log-probs, token log-probs, mask)."""
         return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                   reduction=self.config.logp_reduction)
+                                   reduction=reduction or self.config.reduction)
 
-    def logprobs(self, batch: Mapping[str, Tensor], *, reference: bool = False) -> Tensor:
+    def logprobs(self, batch: Mapping[str, Tensor], *, reference: bool = False,
+                 reduction: Reduction | None = None) -> Tensor:
         """Sequence log-probs (N,) of right-padded rows (``input_ids``, ``attention_mask``, ``completion_mask``)
-        under the current policy, or under ``pi_ref`` with ``reference=True``; no gradients, eval mode."""
+        under the current policy, or under ``pi_ref`` with ``reference=True``; no gradients, eval mode.
+        ``reduction`` defaults to the config's (``config.reduction``)."""
         batch = self._to_device(dict(batch))
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 if not reference:
-                    return self._forward(self.model, batch)[0]
+                    return self._forward(self.model, batch, reduction)[0]
                 if self.ref_model is not None:
-                    return self._forward(self.ref_model, batch)[0]
+                    return self._forward(self.ref_model, batch, reduction)[0]
                 if _is_peft(self.model):
                     with self.model.disable_adapter():
-                        return self._forward(self.model, batch)[0]
+                        return self._forward(self.model, batch, reduction)[0]
                 if self.step > 0:
                     raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or "
                                      "an evaluator): pass ref_model=... to score against pi_ref after training.")
-                return self._forward(self.model, batch)[0]  # before the first step the model is pi_ref
+                return self._forward(self.model, batch, reduction)[0]  # before the first step the model is pi_ref
         finally:
             self.model.train(was_training)
 
     def _precompute(self) -> None:
-        """Reference log-probs of every pair, (N, 2) chosen/rejected, computed once."""
-        if self._ref_logps is not None or self.config.method == "sft" or not self.config.precompute_ref_logps:
+        """Reference log-probs of every pair, (N, 2) chosen/rejected, computed once without gradients."""
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        config = self.config
+        if self._ref_logps is not None or config.method == "sft" or not config.precompute_ref_logps:
             return
+        size = config.precompute_ref_batch_size or 4 * (config.micro_batch_size or config.batch_size)
+        starts = range(0, len(self.examples), size)
         values = []
-        size = self.config.micro_batch_size or self.config.batch_size
-        for start in range(0, len(self.examples), size):
-            chunk = self.examples[start:start + size]
-            batch = self._to_device(collate_preferences(chunk, self.pad_token_id))
-            values.append(self.logprobs(batch, reference=True).view(2, -1).T.cpu())
-        self._ref_logps = torch.cat(values)
+        with deferred_checks() as checks:
+            for start in tqdm(starts, desc="reference log-probs", disable=not config.progress or len(starts) < 2):
+                batch = self._to_device(collate_preferences(self.examples[start:start + size], self.pad_token_id))
+                values.append(self.logprobs(batch, reference=True).view(2, -1).T)
+            checks.verify()
+        self._ref_logps = torch.cat(values).cpu()
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}
 
     # ------------------------------------------------------------------------------------- sampling API
     def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, k: int = 1, max_new_tokens: int = 32,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Samples:
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               max_rows: int | None = None) -> Samples:
         """``k`` samples per prompt (text or token ids) from the current policy (see ``rpo_lib.sample``)."""
         prompt_ids = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
         return sample(self.model, prompt_ids, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                      generator=generator, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id)
+                      generator=generator, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
+                      max_rows=max_rows)
 
     def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
-        """``(log pi(y|x), log pi_ref(y|x))`` of sampled rows, each (N,), without gradients."""
+        """``(log pi(y|x), log pi_ref(y|x))`` of sampled rows, each (N,), summed over tokens, no gradients."""
         batch = samples.batch()
-        return self.logprobs(batch), self.logprobs(batch, reference=True)
+        return self.logprobs(batch, reduction="sum"), self.logprobs(batch, reference=True, reduction="sum")
+
+    def _online_samples(self, indices: Sequence[int]) -> Samples:
+        """HyPO: ``k_online`` samples of the current policy for each prompt of ``indices``, in as few loops as
+        ``online_sample_rows`` allows, with the trainer's own generator on the model's device."""
+        config = self.config
+        return self.sample([self.examples[i].prompt_ids for i in indices], k=config.k_online,
+                           max_new_tokens=config.online_max_new_tokens, temperature=config.online_temperature,
+                           generator=self.online_generator, max_rows=self.online_sample_rows)
 
     # ----------------------------------------------------------------------------------------- one step
     def _batch_indices(self, step: int) -> list[int]:
-        """Example indices of optimizer step ``step``: a fresh seeded permutation every epoch."""
+        """Example indices of optimizer step ``step``: epochs are seeded permutations cut into batches; a batch
+        never spans two epochs (the last one of an epoch is smaller when batch_size does not divide the data)."""
         n, size = len(self.examples), self.config.batch_size
-        indices = []
-        for position in range(step * size, (step + 1) * size):
-            epoch = position // n
-            if epoch not in self._permutations:
-                generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-                self._permutations = {epoch: torch.randperm(n, generator=generator)}
-            indices.append(int(self._permutations[epoch][position % n]))
-        return indices
+        epoch, position = divmod(step, math.ceil(n / size))
+        if self._permutation is None or self._permutation[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._permutation = (epoch, torch.randperm(n, generator=generator))
+        return self._permutation[1][position * size:min(n, (position + 1) * size)].tolist()
 
-    def _micro_loss(self, indices: list[int], share: float, token_count: float) -> tuple[Tensor, dict[str, float]]:
-        """Loss of one micro-batch, weighted by its ``share`` of the batch, and its metrics."""
+    def _epoch(self, step: int) -> float:
+        """Epochs completed after optimizer step ``step`` (0-based)."""
+        n, size = len(self.examples), self.config.batch_size
+        epoch, position = divmod(step, math.ceil(n / size))
+        return epoch + min(n, (position + 1) * size) / n
+
+    def _loss_terms(self, indices: list[int], share: float, token_count: float,
+                    samples: Samples | None = None) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """The loss of one micro-batch, weighted by its ``share`` of the batch, as terms to backpropagate one
+        after the other, each with its metrics (detached tensors). HyPO yields its offline DPO term first and
+        scores its online ``samples`` (drawn for these prompts) only after that term's backward pass."""
         config = self.config
         examples = [self.examples[i] for i in indices]
         if config.method == "sft":
@@ -338,7 +528,8 @@ class Trainer:
             loss = losses.sft_loss(token_logps, mask, normalization=normalization,
                                    token_count=token_count * share if normalization == "token_mean" else None)
             # Metrics are summed with weight `share`: with token_count, share * loss sums to the batch's mean.
-            return loss * share, {"loss/sft": float(loss.detach())}
+            yield loss * share, {"loss/sft": loss.detach()}
+            return
         batch = self._to_device(collate_preferences(examples, self.pad_token_id))
         b = len(examples)
         logps, token_logps, mask = self._forward(self.model, batch)
@@ -350,92 +541,110 @@ class Trainer:
             ref_logps = self.logprobs(batch, reference=True)
             ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
         pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        if config.method == "dpo":
-            out = losses.dpo_loss(*pairs, beta=config.beta)
-        elif config.method == "ipo":
+        if config.method == "ipo":
             out = losses.ipo_loss(*pairs, tau=config.beta)
         elif config.method == "rpo":
             variant = losses.RPO_VARIANTS[config.rpo_variant]
             out = losses.rpo_loss(*pairs, token_logps[:b], mask[:b], beta=config.beta, eta=config.eta,
                                   **variant.kwargs(),
                                   token_count=token_count * share if variant.normalization == "token_mean" else None)
-        else:  # hypo
-            samples = self.sample([e.prompt_ids for e in examples], k=config.k_online,
-                                  max_new_tokens=config.online_max_new_tokens,
-                                  temperature=config.online_temperature, generator=self.online_generator)
-            online = samples.batch()
-            sample_logps = self._forward(self.model, online)[0]  # with gradients: the REINFORCE term
-            ref_sample_logps = self.logprobs(online, reference=True)
-            out = losses.hypo_loss(*pairs, sample_logps.view(b, config.k_online),
-                                   ref_sample_logps.view(b, config.k_online), beta=config.beta, lam=config.lam)
-        return out.loss * share, dict(out.metrics)
+        else:  # dpo, and the offline part of hypo (math.md section 7)
+            out = losses.dpo_loss(*pairs, beta=config.beta)
+        yield out.loss * share, out.metric_tensors
+        if config.method != "hypo":
+            return
+        if samples is None or len(samples.completion_ids) != b * config.k_online:
+            raise ValueError(f"HyPO needs {config.k_online} online samples for each of the {b} prompts.")
+        del logps, token_logps, mask, out, pairs, policy_chosen, policy_rejected  # the offline graph is spent
+        online = samples.batch()
+        sample_logps = self._forward(self.model, online, "sum")[0]  # with gradients: the REINFORCE term
+        ref_sample_logps = self.logprobs(online, reference=True, reduction="sum")
+        term = losses.hypo_online_term(sample_logps.view(b, config.k_online),
+                                       ref_sample_logps.view(b, config.k_online), lam=config.lam)
+        yield term.loss * share, term.metric_tensors
 
     def batch_loss(self, indices: Sequence[int] | None = None) -> tuple[Tensor, dict[str, float]]:
         """The loss (with gradients) and metrics of ``self.examples[indices]`` (default: all) as one batch,
-        under the current model, without an update: for checks against other implementations."""
+        under the current model, without an update: for checks against other implementations. HyPO draws
+        fresh online samples (from the trainer's generator) for these prompts."""
         indices = list(range(len(self.examples))) if indices is None else list(indices)
         token_count = float(sum(len(self._completion(self.examples[i])) for i in indices))
-        return self._micro_loss(indices, 1.0, token_count)
+        samples = self._online_samples(indices) if self.config.method == "hypo" else None
+        terms = list(self._loss_terms(indices, 1.0, token_count, samples))
+        loss = torch.stack([term for term, _ in terms]).sum()
+        metrics = {key: value for _, values in terms for key, value in values.items()}
+        return loss, losses._as_floats(metrics)
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         config = self.config
         indices = self._batch_indices(step)
         size = config.micro_batch_size or config.batch_size
-        chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
         token_count = float(sum(len(self._completion(self.examples[i])) for i in indices))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, float] = {}
-        total = 0.0
-        for chunk in chunks:
-            share = len(chunk) / len(indices)
-            loss, chunk_metrics = self._micro_loss(chunk, share, token_count)
-            loss.backward()
-            total += float(loss.detach())
-            for key, value in chunk_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + share * value
-        if config.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters
-                                                              if p.grad is not None]))
-        if not math.isfinite(total):
-            raise FloatingPointError(
-                f"the loss became {total} at step {step + 1}: lower learning_rate (now {config.learning_rate}) or "
-                f"raise beta; the last checkpoint (if any) is intact.")
+        totals: dict[str, Tensor] = {}
+        with deferred_checks() as checks:
+            # HyPO: the whole step's samples first, before any activation is alive (rpo_lib.sample sizes the loops).
+            samples = self._online_samples(indices) if config.method == "hypo" else None
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
+                share = len(chunk) / len(indices)
+                part = samples.rows(start, start + len(chunk)) if samples is not None else None
+                for loss, metrics in self._loss_terms(chunk, share, token_count, part):
+                    loss.backward()
+                    totals["loss"] = totals["loss"] + loss.detach() if "loss" in totals else loss.detach()
+                    for key, value in metrics.items():
+                        totals[key] = totals[key] + share * value if key in totals else share * value
+            if config.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters
+                                                                  if p.grad is not None]))
+            metrics_read = _read_back({**totals, "grad_norm": grad_norm}, checks)  # the step's one read-back
+        for name in ("loss", "grad_norm"):
+            if not math.isfinite(metrics_read[name]):
+                raise FloatingPointError(
+                    f"the {name.replace('_', ' ')} became {metrics_read[name]} at step {step + 1}; the weights were "
+                    f"not updated. Lower learning_rate (now {config.learning_rate}) or raise beta; the last "
+                    f"checkpoint (if any) is intact.")
         lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
-        metrics.update({"loss": total, "grad_norm": float(grad_norm), "lr": lr,
-                        "epoch": (step + 1) * config.batch_size / len(self.examples)})
-        return metrics
+        metrics_read.update({"lr": lr, "epoch": self._epoch(step)})
+        return metrics_read
 
     def _completion(self, example: Any) -> list[int]:
         """The tokens the token-mean SFT term counts: the chosen (or SFT) completion."""
         return example.completion_ids if isinstance(example, SFTExample) else example.chosen_ids
 
     # ------------------------------------------------------------------------------------------ the loop
-    def train(self, *, resume: bool | str | os.PathLike = False) -> History:
+    def train(self, *, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> History:
         """Train to ``config.max_steps``; return the history (also ``self.history``).
 
         Args:
-            resume: True resumes from the newest checkpoint in ``config.checkpoint_dir``; a path resumes from
-                that file; False starts at the current state (a second ``train()`` call continues nothing:
-                raise ``max_steps`` with a new config and resume from a checkpoint instead).
+            resume: True resumes from the newest readable checkpoint in ``config.checkpoint_dir``; a path
+                resumes from that file; False starts at the current state (a second ``train()`` call continues
+                nothing: raise ``max_steps`` with a new config and resume from a checkpoint instead).
+            overwrite: for a new run (``resume=False``) in a ``checkpoint_dir`` that already holds checkpoints:
+                delete them first. Without it such a run is refused, so that no run's checkpoints are lost or
+                mixed with another's.
         """
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         config = self.config
         if resume:
+            if overwrite:
+                raise ValueError("resume and overwrite exclude each other: resume continues the checkpoints that "
+                                 "overwrite would delete.")
             self.load_checkpoint(resume)
         else:
+            self._claim_checkpoint_dir(overwrite)
             self._seed_everything()
         self._precompute()
         if self.step == 0 and self.evaluate is not None and not self.history:
             self.history.append({"step": 0, **self._evaluate()})
         bar = tqdm(total=config.max_steps, initial=self.step, desc=config.method.upper(), disable=not config.progress,
                    leave=True)
-        saved_at = None
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
@@ -452,16 +661,31 @@ class Trainer:
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 if config.checkpoint_dir and (last or (config.save_every and self.step % config.save_every == 0)):
-                    saved_at = self.save_checkpoint()
+                    self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
-            where = saved_at or (latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None)
+            where = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None  # as it is now
             hint = (f"The last checkpoint, {where}, is intact: trainer.train(resume=True) continues from it."
                     if where else "No checkpoint was written (set checkpoint_dir and save_every to have one).")
             print(f"Interrupted during step {self.step + 1}. {hint}")
             raise
         bar.close()
         return self.history
+
+    def _claim_checkpoint_dir(self, overwrite: bool) -> None:
+        """A new run may write into ``checkpoint_dir`` only if it holds no checkpoints, or if told to delete them."""
+        directory = self.config.checkpoint_dir
+        if not directory or not checkpoints.checkpoint_files(directory):
+            return
+        if overwrite:
+            removed = checkpoints.remove_checkpoints(directory)
+            print(f"rpo_lib.train: deleted {len(removed)} checkpoint file(s) of an earlier run in {directory}.")
+            return
+        newest = latest_checkpoint(directory)
+        raise FileExistsError(
+            f"{directory} already holds checkpoints (the newest is {newest}); a new run there would mix its "
+            f"checkpoints with those. Continue that run with trainer.train(resume=True), choose another "
+            f"checkpoint_dir, or start afresh with trainer.train(overwrite=True), which deletes them.")
 
     def _evaluate(self) -> dict[str, float]:
         assert self.evaluate is not None
@@ -482,71 +706,114 @@ class Trainer:
     def _trainable_state(self) -> dict[str, Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
 
+    def _run_description(self) -> dict[str, Any]:
+        """What makes a run this run: its settings, its data and the shapes of what it trains."""
+        shapes = {name: list(p.shape) for name, p in self.model.named_parameters() if p.requires_grad}
+        settings = {name: os.fspath(value) if isinstance(value, os.PathLike) else value
+                    for name, value in dataclasses.asdict(self.config).items()}
+        return {"config": settings, "data": self.data_fingerprint, "trainable": shapes}
+
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Write a checkpoint atomically (temporary file, then rename); keep the newest ``keep_checkpoints``."""
+        """Write a checkpoint atomically (``rpo_lib.checkpoints``); keep the newest ``keep_checkpoints``."""
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no checkpoint_dir in the config: pass a path or set checkpoint_dir.")
-            directory = Path(self.config.checkpoint_dir)
-            path = directory / f"checkpoint-{self.step:06d}.pt"
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+            path = Path(self.config.checkpoint_dir) / checkpoints.checkpoint_name(self.step)
         state = {
-            "format": 1,
+            "format": checkpoints.FORMAT,
             "step": self.step,
             "weights": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "history": list(self.history),
+            "history": [dict(row) for row in self.history],
             "seconds": self.seconds,
             "online_generator": self.online_generator.get_state(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            "config": dataclasses.asdict(self.config),
+            "online_sample_rows": self.online_sample_rows,
+            "rng": _rng_state(),
+            "run": self._run_description(),
             "ref_logps": self._ref_logps,
         }
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)  # atomic: the old file or the new one, never half of one
-        if self.config.checkpoint_dir and path.parent == Path(self.config.checkpoint_dir):
-            for old in sorted(path.parent.glob("checkpoint-*.pt"))[:-self.config.keep_checkpoints]:
-                old.unlink()
+        path = checkpoints.write_atomic(state, path)
+        if self.config.checkpoint_dir and path.parent.resolve() == Path(self.config.checkpoint_dir).resolve():
+            checkpoints.rotate(path.parent, self.config.keep_checkpoints)
         return path
 
+    def _differences(self, state: Mapping[str, Any]) -> list[str]:
+        """How the checkpoint's run differs from this trainer's, one line each (empty: the same run)."""
+        saved, mine = state["run"], self._run_description()
+        lines = []
+        for name, value in mine["config"].items():
+            if name in RESUME_FREE:
+                continue
+            before = saved["config"].get(name, "(not recorded)")
+            if (list(before) if isinstance(before, (tuple, list)) else before) != (
+                    list(value) if isinstance(value, (tuple, list)) else value):
+                lines.append(f"{name}: {before!r} in the checkpoint, {value!r} now")
+        if saved["data"] != mine["data"]:
+            lines.append(f"the data: the tokenized rows differ (fingerprint {saved['data'][:12]} in the checkpoint, "
+                         f"{mine['data'][:12]} now): the same rows, tokenizer and max_length are needed")
+        missing = sorted(set(mine["trainable"]) - set(saved["trainable"]))
+        unexpected = sorted(set(saved["trainable"]) - set(mine["trainable"]))
+        reshaped = sorted(name for name in set(mine["trainable"]) & set(saved["trainable"])
+                          if list(mine["trainable"][name]) != list(saved["trainable"][name]))
+        if missing or unexpected or reshaped:
+            parts = []
+            if unexpected:
+                parts.append(f"{len(unexpected)} trained tensor(s) this model lacks ({', '.join(unexpected[:3])} ...)")
+            if missing:
+                parts.append(f"{len(missing)} of this model's trainable tensor(s) are absent ({', '.join(missing[:3])} ...)")
+            if reshaped:
+                name = reshaped[0]
+                parts.append(f"{len(reshaped)} tensor(s) of another shape ({name}: {saved['trainable'][name]} in the "
+                             f"checkpoint, {mine['trainable'][name]} now)")
+            lines.append("the model: " + "; ".join(parts))
+        return lines
+
     def load_checkpoint(self, where: bool | str | os.PathLike = True) -> Path:
-        """Restore weights, optimizer, schedule, RNG states and history from a checkpoint file."""
+        """Restore weights, optimizer, schedule, RNG states and history from a checkpoint file.
+
+        ``where=True``: the newest readable checkpoint of ``config.checkpoint_dir`` (unreadable newer files are
+        named and skipped). Nothing is loaded unless the checkpoint belongs to this run: the settings (except
+        those in ``RESUME_FREE``), the data's fingerprint and the trainable tensors' names and shapes must agree;
+        the error lists every difference.
+        """
         if where is True:
             if not self.config.checkpoint_dir:
                 raise ValueError("resume=True needs config.checkpoint_dir (or pass resume=<checkpoint file>).")
-            found = latest_checkpoint(self.config.checkpoint_dir)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {self.config.checkpoint_dir}: train without resume to "
-                                        f"start from the beginning.")
-            path = found
+            path, state, skipped = checkpoints.newest_readable(self.config.checkpoint_dir)
+            for error in skipped:
+                print(f"rpo_lib.train: skipping {error.path.name}: {error.problem} Resuming from {path.name}, the "
+                      f"newest intact checkpoint, instead.")
         else:
             path = Path(where)  # type: ignore[arg-type]
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = state["config"]
-        for key in ("method", "batch_size", "seed"):
-            if saved[key] != getattr(self.config, key):
-                raise ValueError(f"{path} was written with {key}={saved[key]!r} but this config has "
-                                 f"{getattr(self.config, key)!r}: resume with the same {key}.")
-        missing = self.model.load_state_dict(state["weights"], strict=False)
-        unexpected = [key for key in missing.unexpected_keys]
-        if unexpected:
-            raise ValueError(f"{path} holds weights this model does not have ({unexpected[:3]} ...): "
-                             f"resume with the same model (and adapter).")
+            state = checkpoints.read(path)
+        differences = self._differences(state)
+        if differences:
+            raise ValueError(f"{path} was written by another run; resuming it with this trainer would continue "
+                             f"something else. What differs:\n  - " + "\n  - ".join(differences) +
+                             "\nResume with the same settings, data and model, or start afresh in another "
+                             "checkpoint_dir (or with train(overwrite=True)).")
+        weights = state["weights"]
+        trainable = dict((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
+        if set(weights) != set(trainable) or any(list(weights[n].shape) != list(p.shape) for n, p in trainable.items()):
+            raise ValueError(f"{path}: its weights do not match its own description of the run (damaged file?); "
+                             f"nothing was loaded.")
+        saved_steps = state["run"]["config"].get("max_steps")
+        if saved_steps != self.config.max_steps:
+            print(f"rpo_lib.train: the checkpoint's run had max_steps={saved_steps}; this one has "
+                  f"{self.config.max_steps}, and its learning-rate schedule follows the new length.")
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = History(state["history"])
         self.step = int(state["step"])
         self.seconds = float(state["seconds"])
         self.online_generator.set_state(state["online_generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        if self.config.online_sample_rows is None and state.get("online_sample_rows") is not None:
+            self.online_sample_rows = int(state["online_sample_rows"])  # cut the samples as the run did
+        _set_rng_state(state["rng"])
         self._ref_logps = state["ref_logps"]
         return path
 
@@ -554,4 +821,3 @@ class Trainer:
         """``save_pretrained`` of the model (the adapter only, for PEFT) and the tokenizer."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-

@@ -95,3 +95,53 @@ def test_restores_training_mode_and_checks_arguments(reference):
         _sample(model, tokenizer, temperature=-1)
     with pytest.raises(ValueError, match="at least one token"):
         sample(model, [[]], eos_token_id=2, pad_token_id=0)
+
+
+def test_loops_of_at_most_max_rows_give_the_same_greedy_rows(reference):
+    model, tokenizer = reference
+    whole = _sample(model, tokenizer, k=3, max_new_tokens=10, temperature=0)
+    for max_rows in (1, 4, 9):
+        chunked = _sample(model, tokenizer, k=3, max_new_tokens=10, temperature=0, max_rows=max_rows)
+        assert chunked.completion_ids == whole.completion_ids
+        assert torch.equal(chunked.input_ids, whole.input_ids)
+        assert chunked.row_lengths == whole.row_lengths == whole.attention_mask.sum(1).tolist()
+
+
+def test_prefill_keeps_only_the_last_positions_logits(reference):
+    model, tokenizer = reference
+    seen = []
+
+    def spy(module, args, kwargs, output):
+        seen.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape, tuple(output.logits.shape)))
+
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        _sample(model, tokenizer, k=2, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    keep, ids_shape, logits_shape = seen[0]  # the prefill: the whole left-padded prompts
+    assert keep == 1 and ids_shape[1] > 1 and logits_shape == (6, 1, len(tokenizer))
+    assert all(shape[1] == 1 for _, _, shape in seen)  # no (N, T, V) logits at any step
+
+
+def test_samples_rows_slices_prompts_without_reading_the_device(reference):
+    model, tokenizer = reference
+    out = _sample(model, tokenizer, k=2, max_new_tokens=12, generator=torch.Generator().manual_seed(5))
+    part = out.rows(1, 3)
+    assert part.prompt_index.tolist() == [0, 0, 1, 1] and part.completion_ids == out.completion_ids[2:]
+    width = max(out.row_lengths[2:])
+    assert part.input_ids.shape == (4, width) and torch.equal(part.input_ids, out.input_ids[2:, :width])
+
+
+def test_kv_cache_size_of_a_7b_model():
+    """Mistral-7B's shape (32 layers, 8 key-value heads of 128) in bf16: 128 rows of 768 tokens ~ 12.9 GB."""
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig
+
+    from rpo_lib.sample import kv_cache_bytes, rows_that_fit
+
+    model = SimpleNamespace(config=MistralConfig(dtype=torch.bfloat16))
+    assert kv_cache_bytes(model, 128, 768) == 2 * 32 * 8 * 128 * 768 * 128 * 2 == pytest.approx(12.9e9, rel=0.01)
+    assert rows_that_fit(model, 768, 40e9) == int(40e9 // (2 * 32 * 8 * 128 * 768 * 2)) == 397
+    assert rows_that_fit(model, 768, 1.0) == 1
