@@ -145,8 +145,8 @@ def _generate(model: Any, rows: list[list[int]], *, max_new_tokens: int, tempera
         step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
         if (t + 1) % _FINISHED_CHECK_EVERY == 0 and bool(finished.all()):
             break
-    generated_rows, lengths_list, finished_list = generated.tolist(), lengths.tolist(), finished.tolist()
-    return [row[:length] for row, length in zip(generated_rows, lengths_list, strict=True)], finished_list
+    table = torch.cat([generated, lengths[:, None], finished.long()[:, None]], dim=1).tolist()  # one read-back
+    return [row[:row[-2]] for row in table], [bool(row[-1]) for row in table]
 
 
 def sample(

@@ -384,7 +384,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, self.config))
         self.online_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.online_sample_rows = self._online_rows() if config.method == "hypo" else None
-        self._permutation: tuple[int, Tensor] | None = None
+        self._permutation: tuple[int, list[int]] | None = None
 
     # ------------------------------------------------------------------------------------------- set-up
     def _place(self, model: Any) -> Any:
@@ -505,8 +505,8 @@ class Trainer:
         epoch, position = divmod(step, math.ceil(n / size))
         if self._permutation is None or self._permutation[0] != epoch:
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._permutation = (epoch, torch.randperm(n, generator=generator))
-        return self._permutation[1][position * size:min(n, (position + 1) * size)].tolist()
+            self._permutation = (epoch, torch.randperm(n, generator=generator).tolist())
+        return self._permutation[1][position * size:min(n, (position + 1) * size)]
 
     def _epoch(self, step: int) -> float:
         """Epochs completed after optimizer step ``step`` (0-based)."""

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rpo_lib import train as train_module
 from rpo_lib.tasks import DATA_DIR, TopicTask, load_reference, read_jsonl, reference_corpus
@@ -338,3 +339,201 @@ def test_4bit_layers_stay_differentiable_after_an_eval_pass():
         model(inputs_embeds=embeddings).logits.sum().backward()
         grads.append(embeddings.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ dropout
+def _dropout_model(kind, vocab):
+    import transformers
+
+    from rpo_lib.models import with_lora
+
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": vocab}
+    torch.manual_seed(0)
+    if kind == "gpt2":  # resid/embd/attn_pdrop 0.1 by default: nn.Dropout modules
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                                    **ids))
+    if kind == "opt":  # OPT keeps its rates as plain floats on the modules (functional dropout)
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
+            word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1, **ids))
+    if kind == "phi":  # both kinds
+        return transformers.PhiForCausalLM(transformers.PhiConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, attention_dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1, **ids))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, attention_dropout=0.1, **ids))
+    return with_lora(llama, r=4, alpha=8, dropout=0.1)  # and LoRA's own dropout
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "phi", "llama-lora"])
+def test_dropout_is_off_so_a_policy_equal_to_pi_ref_scores_zero(reference, pairs, kind):
+    from rpo_lib.models import find_dropout
+
+    _, tokenizer = reference
+    model = _dropout_model(kind, len(tokenizer))
+    assert find_dropout(model)
+    ref = None if kind == "llama-lora" else copy.deepcopy(model)  # LoRA: pi_ref is the adapter switched off
+    trainer = Trainer(model, tokenizer, pairs, _config(method="hypo", lam=0.5), ref_model=ref)
+    assert not find_dropout(trainer.model) and (ref is None or not find_dropout(ref))
+    metrics = trainer._optimizer_step(0)  # train mode, pi == pi_ref exactly
+    for key in ("kl/online", "rewards/margins", "rewards/accuracies", "rewards/chosen"):
+        assert metrics[key] == pytest.approx(0.0, abs=1e-6), key
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_with_dropout_on_the_same_comparison_is_noise(reference, pairs):
+    """Why the above matters: leave dropout on and pi == pi_ref no longer scores zero."""
+    _, tokenizer = reference
+    model = _dropout_model("opt", len(tokenizer))
+    trainer = Trainer(model, tokenizer, pairs, _config(method="dpo", disable_dropout=False),
+                      ref_model=copy.deepcopy(model))
+    assert abs(trainer._optimizer_step(0)["rewards/margins"]) > 1e-4
+    with pytest.raises(ValueError, match="HyPO scores its own samples in train mode"):
+        Trainer(model, tokenizer, pairs, _config(method="hypo", disable_dropout=False), ref_model=model)
+
+
+# ---------------------------------------------------------------------------------- what is scored how
+def _summed_logps(model, batch):
+    """log pi(y|x) summed over completion tokens, by a plain log_softmax (independent of rpo_lib.logprobs)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+    return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, monkeypatch):
+    """Whatever logp_reduction says for the pairs, the online KL is of whole responses: sums."""
+    model, tokenizer = reference
+    trainer = Trainer(_perturbed(model), tokenizer, pairs, _config(method="hypo", logp_reduction="mean"),
+                      ref_model=model)
+    seen = {}
+    draw, online_term = trainer._online_samples, train_module.losses.hypo_online_term
+    trainer._online_samples = lambda indices: seen.setdefault("samples", draw(indices))
+    monkeypatch.setattr(train_module.losses, "hypo_online_term",
+                        lambda logps, ref, lam: seen.setdefault("args", (logps, ref)) and online_term(logps, ref, lam=lam))
+    policy_before = copy.deepcopy(trainer.model)
+    trainer._optimizer_step(0)
+    batch = seen["samples"].batch()
+    logps, ref_logps = seen["args"]
+    torch.testing.assert_close(logps.detach().flatten(), _summed_logps(policy_before, batch), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref_logps.flatten(), _summed_logps(model, batch), rtol=1e-5, atol=1e-4)
+
+
+def test_batches_never_repeat_a_pair_across_an_epoch_boundary(reference, pairs):
+    model, tokenizer = reference
+    trainer = Trainer(copy.deepcopy(model), tokenizer, pairs[:10], _config(batch_size=4), ref_model=model)
+    batches = [trainer._batch_indices(step) for step in range(6)]
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]  # the epoch's last batch is smaller
+    for epoch in (batches[:3], batches[3:]):
+        seen = [i for batch in epoch for i in batch]
+        assert sorted(seen) == list(range(10))  # each pair once per epoch, so never twice in a batch
+    assert batches[:3] != batches[3:]  # a new permutation every epoch
+    assert [trainer._epoch(step) for step in range(4)] == pytest.approx([0.4, 0.8, 1.0, 1.4])
+
+
+# ---------------------------------------------------------------------------------- speed on a GPU
+class _HostReads(TorchDispatchMode):
+    """Counts what would read a GPU tensor back to the host (a synchronisation): .item(), float(), bool(),
+    boolean indexing, nonzero, .tolist(). Reads inside the model's own forward and inside the optimizer are
+    theirs, not the trainer's, and are not counted (hooks pause the count)."""
+
+    SCALAR_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if not self.paused and (func in self.SCALAR_OPS or boolean_index):
+            self.count += 1
+        return func(*args, **kwargs)
+
+    def watch(self, trainer, monkeypatch):
+        def pause(*args, **kwargs):
+            self.paused += 1
+
+        def resume(*args, **kwargs):
+            self.paused -= 1
+
+        for model in {id(m): m for m in (trainer.model, trainer.ref_model) if m is not None}.values():
+            model.register_forward_pre_hook(pause)
+            model.register_forward_hook(resume)
+        trainer.optimizer.register_step_pre_hook(pause)
+        trainer.optimizer.register_step_post_hook(resume)
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor):
+            if not self.paused:
+                self.count += 1
+            return tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "rpo", "hypo"])
+def test_one_read_back_per_step_whatever_the_micro_batching(reference, pairs, method, monkeypatch):
+    model, tokenizer = reference
+    rows = reference_corpus(TopicTask(), 64) if method == "sft" else pairs
+    counts = []
+    for micro in (8, 4, 2):
+        trainer = Trainer(_perturbed(model), tokenizer, rows, _config(method=method, micro_batch_size=micro),
+                          ref_model=model)
+        trainer._batch_indices(0)  # the epoch's permutation: made on the CPU, once per epoch
+        reads = _HostReads()
+        reads.watch(trainer, monkeypatch)
+        with reads:
+            trainer._optimizer_step(0)
+        counts.append(reads.count)
+        monkeypatch.undo()
+    if method != "hypo":
+        assert counts == [1, 1, 1]  # the metrics, the checks and the loss, read together
+    else:  # plus the sampler: one check per 8 new tokens whether all rows ended, and one read of the tokens
+        limit = 1 + _config().online_max_new_tokens // 8 + 1
+        assert counts[0] == counts[1] == counts[2] <= limit
+
+
+def test_precompute_has_its_own_batch_size(reference, pairs):
+    model, tokenizer = reference
+    for size, passes in ((16, 4), (None, 16)):  # None: 4 x micro_batch_size (1 pair) = 4 pairs per pass
+        trainer = Trainer(copy.deepcopy(model), tokenizer, pairs, _config(precompute_ref_logps=True, micro_batch_size=1,
+                                                                          precompute_ref_batch_size=size))
+        rows = []
+        handle = trainer.model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)
+        trainer._precompute()
+        handle.remove()
+        assert len(rows) == passes and rows[0] == 2 * (size or 4)  # chosen and rejected rows
+        assert trainer._ref_logps.shape == (64, 2)
+
+
+def test_training_forwards_ask_for_no_kv_cache(reference, pairs):
+    model, tokenizer = reference
+    trainer = Trainer(_perturbed(model), tokenizer, pairs, _config(method="rpo"), ref_model=model)
+    calls = []
+    trainer.model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw.get("use_cache")), with_kwargs=True)
+    trainer._optimizer_step(0)
+    assert calls and all(value is False for value in calls)
+
+
+def test_hypo_samples_first_then_frees_the_offline_graph_before_scoring_samples(reference, pairs, monkeypatch):
+    """Peak memory: no activations are alive while sampling, and the offline pairs' activations are freed
+    (backward) before the online samples are scored with gradients."""
+    model, tokenizer = reference
+    trainer = Trainer(_perturbed(model), tokenizer, pairs, _config(method="hypo", micro_batch_size=4),
+                      ref_model=model)
+    events = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kw: events.append("grad forward" if torch.is_grad_enabled() else "no-grad forward"),
+        with_kwargs=True)
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (events.append("backward"),
+                                                                           backward(self, *a, **k)))
+    trainer._optimizer_step(0)
+    first_grad = events.index("grad forward")
+    assert "no-grad forward" in events[:first_grad]  # the samples were drawn first ...
+    assert "no-grad forward" not in events[first_grad:]  # ... and only then (the reference is another model)
+    assert [e for e in events[first_grad:]] == ["grad forward", "backward"] * 4  # 2 micro-batches x 2 terms
