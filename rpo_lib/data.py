@@ -1,21 +1,39 @@
-"""Text rows -> checked, tokenized examples -> padded batches, with every dropped row counted.
+"""Rows -> checked, tokenized examples -> padded batches, with every dropped row counted.
 
-Rows are dicts (a list of dicts, or a ``datasets.Dataset``, which iterates as dicts):
+Rows are dicts (a list of dicts, or a ``datasets.Dataset``, which iterates as dicts), in TRL's formats:
 
-- SFT rows: ``{"prompt": str, "completion": str}``
-- preference rows: ``{"prompt": str, "chosen": str, "rejected": str}``
+================== ============================================= ==============================================
+kind               text rows                                     conversational rows (lists of messages)
+================== ============================================= ==============================================
+SFT                ``{"prompt": str, "completion": str}``        ``{"messages": [...]}`` (the last message, the
+                                                                 assistant's, is the completion), or
+                                                                 ``{"prompt": [...], "completion": [...]}``
+preference         ``{"prompt": str, "chosen": str,              ``{"prompt": [...], "chosen": [...],
+                   "rejected": str}``                            "rejected": [...]}``
+implicit prompt    ``{"chosen": str, "rejected": str}``: the     ``{"chosen": [...], "rejected": [...]}``: the
+                   prompt is their common beginning              prompt is their common first messages
+================== ============================================= ==============================================
 
-Text is plain: apply a chat template *before* (``tokenizer.apply_chat_template(..., tokenize=False)``) if
-your model needs one. Tokenization follows TRL 1.x so that the two give the same tokens: the prompt and
-``prompt + completion`` are tokenized separately, the completion starts where the two first differ (a merge
-across the boundary is handled), and the end-of-sequence token is appended to every completion.
+A message is ``{"role": ..., "content": str}``. Conversational rows are rendered by the tokenizer's chat
+template, as TRL 1.x does: the prompt with ``add_generation_prompt=True``, the prompt and completion as one
+conversation, both tokenized by ``apply_chat_template`` (so the template's own BOS is the only one), and the
+completion ends with the template's end of turn (no EOS is added). Text rows are tokenized with the
+tokenizer's special tokens, and the EOS token is appended to each completion unless it already ends with one;
+a text that already starts with the BOS token (a chat template rendered to text) keeps a single BOS.
+
+Tokenization follows TRL so that the two give the same tokens: the prompt and ``prompt + completion`` are
+tokenized separately and the completion starts where the two first differ (a merge across the boundary, or a
+template that renders the prompt differently, is handled). The completion's first token is always scored: an
+empty prompt becomes the BOS token; a tokenizer without a BOS token and an empty prompt is an error.
 
 What happens to bad rows (nothing is lost silently; ``DataReport`` says what was dropped and why):
 
 ========================================= ================================================================
 row                                       outcome
 ========================================= ================================================================
-a field missing, or not a string          ``ValueError`` naming the row and the field (fix the data)
+a field missing, or of the wrong kind     ``ValueError`` naming the row and the field (fix the data)
+text and messages mixed in one row        ``ValueError`` naming the row
+an empty prompt, tokenizer without BOS    ``ValueError`` naming the row (give a prompt, or a bos_token)
 empty (or whitespace-only) completion     dropped, counted as ``"empty completion"``
 chosen identical to rejected              dropped, counted as ``"chosen identical to rejected"``
 prompt leaves no room for a completion    dropped, counted as ``"prompt too long"``
@@ -79,22 +97,78 @@ class PreferenceExample:
     rejected_ids: list[int]
 
 
-def _check_row(row: Any, index: int, fields: Sequence[str]) -> None:
+Chat = list  # a conversation: a list of {"role", "content"} messages
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, Mapping) for m in value)
+
+
+def _check_messages(messages: Any, index: int, name: str) -> None:
+    if not _is_chat(messages):
+        raise ValueError(f"row {index} field {name!r} is a {type(messages).__name__}; expected text or a non-empty "
+                         f"list of messages {{'role': ..., 'content': ...}}.")
+    for position, message in enumerate(messages):
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise ValueError(f"row {index} field {name!r}: message {position} needs a 'role' and a text 'content'; "
+                             f"it has {sorted(message)}.")
+
+
+def _missing(row: Mapping[str, Any], index: int, name: str, needed: str) -> ValueError:
+    have = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+    return ValueError(f"row {index} has no {name!r} field (it has: {have}). Every row needs {needed}: fill it in or "
+                      f"filter such rows out before training.")
+
+
+def _split_implicit(chosen: Any, rejected: Any, index: int) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) from two full texts or conversations that share their beginning (TRL's
+    ``extract_prompt``): the longest common prefix of characters (a space before the split goes to the
+    completions) or of messages."""
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        raise ValueError(f"row {index} has no 'prompt', and its chosen and rejected responses do not share a "
+                         f"beginning that leaves both a completion: add a 'prompt' field.")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _row_parts(row: Any, index: int, completion_fields: tuple[str, ...]) -> tuple[Any, list[Any]]:
+    """(prompt, completions) of a row in any supported format: all text, or all conversations."""
+    needed = ", ".join(("prompt", *completion_fields))
     if not isinstance(row, Mapping):
-        raise ValueError(f"row {index} is a {type(row).__name__}, not a dict with fields {', '.join(fields)}.")
-    for name in fields:
-        if name not in row or row[name] is None:
-            have = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
-            raise ValueError(
-                f"row {index} has no {name!r} field (it has: {have}). Every row needs {', '.join(fields)}: "
-                f"fill it in or filter such rows out before training."
-            )
-        if not isinstance(row[name], str):
-            raise ValueError(
-                f"row {index} field {name!r} is a {type(row[name]).__name__}; expected text. Conversational "
-                f"rows (lists of messages) must be rendered first, e.g. with tokenizer.apply_chat_template(..., "
-                f"tokenize=False)."
-            )
+        raise ValueError(f"row {index} is a {type(row).__name__}, not a dict with fields {needed}.")
+    if completion_fields == ("completion",) and row.get("messages") is not None and row.get("prompt") is None:
+        messages = row["messages"]
+        _check_messages(messages, index, "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise ValueError(f"row {index}: 'messages' must end with the assistant's message (the completion) after "
+                             f"at least one other message; it ends with a {messages[-1]['role']!r} message.")
+        return messages[:-1], [messages[-1:]]
+    for name in completion_fields:
+        if row.get(name) is None:
+            if row.get("prompt") is None and row.get(completion_fields[0]) is None:
+                raise _missing(row, index, "prompt", needed)
+            raise _missing(row, index, name, needed)
+    completions = [row[name] for name in completion_fields]
+    prompt = row.get("prompt")
+    if prompt is None:
+        if len(completion_fields) == 1:
+            raise _missing(row, index, "prompt", needed)
+        prompt, *completions = _split_implicit(completions[0], completions[1], index)
+    values = {"prompt": prompt, **dict(zip(completion_fields, completions, strict=True))}
+    chat = [name for name, value in values.items() if not isinstance(value, str)]
+    if chat and len(chat) < len(values):
+        texts = [name for name in values if name not in chat]
+        raise ValueError(f"row {index} mixes text ({', '.join(texts)}) and messages ({', '.join(chat)}): give every "
+                         f"field as text, or every field as a list of messages.")
+    for name in chat:
+        _check_messages(values[name], index, name)
+    return prompt, completions
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -106,12 +180,30 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _split(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids + EOS), the completion starting where the two tokenizations differ."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    full_ids = list(tokenizer(prompt + completion)["input_ids"])
-    cut = _common_prefix(prompt_ids, full_ids)
-    return prompt_ids[:cut], full_ids[cut:] + [tokenizer.eos_token_id]
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text)``'s ids; a text that already starts with the BOS token keeps one BOS, not two."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is not None and bos_text and text.startswith(bos_text) and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
+
+
+def _encode_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational rows need a tokenizer with a chat template (tokenizer.chat_template is "
+                         "empty): set one, or give the rows as text.")
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                            return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def _split(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, prompt + completion ids): text through the tokenizer, conversations through the template."""
+    if isinstance(prompt, str):
+        return _encode_text(tokenizer, prompt), _encode_text(tokenizer, prompt + completion)
+    return (_encode_chat(tokenizer, prompt, generation_prompt=True),
+            _encode_chat(tokenizer, prompt + completion, generation_prompt=False))
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
@@ -126,6 +218,12 @@ def _room(prompt_ids: list[int], max_length: int, max_prompt_length: int | None)
     return max_length - len(prompt_ids)
 
 
+def _is_empty(completion: Any) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not any(message["content"].strip() for message in completion)
+
+
 def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion_fields: tuple[str, ...], *,
                    max_length: int, max_prompt_length: int | None, what: str
                    ) -> tuple[list[tuple[list[int], list[list[int]]]], DataReport]:
@@ -135,23 +233,32 @@ def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion
     """
     _check_tokenizer(tokenizer)
     paired = len(completion_fields) == 2
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     kept: list[tuple[list[int], list[list[int]]]] = []
     dropped = {"empty completion": 0, **({"chosen identical to rejected": 0} if paired else {}), "prompt too long": 0}
     truncated = n = 0
     for n, row in enumerate(rows, start=1):
-        _check_row(row, n - 1, ("prompt", *completion_fields))  # prompt first: errors name it first
-        texts = [row[name] for name in completion_fields]
-        if not all(text.strip() for text in texts):
+        prompt, texts = _row_parts(row, n - 1, completion_fields)
+        if any(_is_empty(text) for text in texts):
             dropped["empty completion"] += 1
             continue
         if paired and texts[0] == texts[1]:
             dropped["chosen identical to rejected"] += 1
             continue
-        splits = [_split(tokenizer, row["prompt"], text) for text in texts]
-        # A merge across the boundary can differ between completions: keep the prompt they share.
-        cut = min(_common_prefix(splits[0][0], prompt_ids) for prompt_ids, _ in splits)
+        splits = [_split(tokenizer, prompt, text) for text in texts]
+        # The completion starts where prompt and prompt + completion first differ; the prompt kept is the part
+        # every completion shares (a merge across the boundary can differ between completions).
+        cut = min(_common_prefix(prompt_ids, full_ids) for prompt_ids, full_ids in splits)
         prompt_ids = splits[0][0][:cut]
-        completions = [prompt[cut:] + completion for prompt, completion in splits]
+        completions = [full_ids[cut:] for _, full_ids in splits]
+        if not prompt_ids:  # nothing before the completion: its first token would never be scored
+            if bos is None:
+                raise ValueError(f"row {n - 1} has an empty prompt and the tokenizer has no BOS token, so the "
+                                 f"completion's first token could not be scored: give the row a prompt, or set "
+                                 f"tokenizer.bos_token (GPT-2-style models use the EOS token).")
+            prompt_ids = [bos]
+        if isinstance(prompt, str):  # text rows end with EOS (once); a template ends its turns itself
+            completions = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completions]
         room = _room(prompt_ids, max_length, max_prompt_length)
         if room <= 0:
             dropped["prompt too long"] += 1

@@ -1,9 +1,11 @@
 """rpo_lib.data: TRL-compatible tokenization, and every bad row either an error or a counted drop."""
 
+import copy
+
 import pytest
 import torch
 
-from rpo_lib.data import DataReport, collate_preferences, tokenize_preferences, tokenize_sft
+from rpo_lib.data import DataReport, collate_preferences, fingerprint, tokenize_preferences, tokenize_sft
 from rpo_lib.tasks import load_reference
 
 
@@ -38,13 +40,13 @@ def test_merge_across_the_boundary_moves_the_split(tokenizer):
 ])
 def test_missing_field_is_an_error_naming_row_and_field(tokenizer, row, field):
     rows = [{"prompt": "fruit:", "chosen": " apple", "rejected": " cat"}, row]
-    with pytest.raises(ValueError, match=rf"row 1 has no '{field}' field"):
+    with pytest.raises(ValueError, match=rf"row 1 has no '{field}'"):
         tokenize_preferences(rows, tokenizer, max_length=64)
 
 
-def test_conversational_rows_are_an_error_that_says_what_to_do(tokenizer):
+def test_text_and_messages_mixed_in_a_row_is_an_error(tokenizer):
     rows = [{"prompt": [{"role": "user", "content": "fruit"}], "chosen": " apple", "rejected": " cat"}]
-    with pytest.raises(ValueError, match="apply_chat_template"):
+    with pytest.raises(ValueError, match=r"row 0 mixes text \(chosen, rejected\) and messages \(prompt\)"):
         tokenize_preferences(rows, tokenizer, max_length=64)
 
 
@@ -99,3 +101,155 @@ def test_collate_puts_chosen_first_and_masks_completions(tokenizer):
 
 def test_report_sentence():
     assert str(DataReport(rows_in=3, kept=3)) == "kept 3 of 3 rows."
+
+
+# ------------------------------------------------------------------------------ chat formats and specials
+# A Llama-2/Zephyr-style template: the template writes the BOS token itself and ends every turn with EOS.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_chat_rows_have_one_bos_and_one_eos(chat_tokenizer):
+    row = {"prompt": _user("fruit"), "chosen": _assistant("apple pear"), "rejected": _assistant("cat")}
+    (example,), _ = tokenize_preferences([row], chat_tokenizer, max_length=64)
+    bos, eos = chat_tokenizer.bos_token_id, chat_tokenizer.eos_token_id
+    assert example.prompt_ids[0] == bos and example.prompt_ids.count(bos) == 1
+    for ids in (example.chosen_ids, example.rejected_ids):
+        assert ids[-1] == eos and ids[-2] != eos and bos not in ids
+    assert chat_tokenizer.decode(example.chosen_ids) == "apple pear<eos>"
+
+
+def test_the_rendered_text_recipe_gives_the_chat_rows_tokens(chat_tokenizer):
+    """Rows rendered with apply_chat_template(..., tokenize=False) start with the BOS text and end with the
+    EOS text: they get no second BOS and no second EOS, so they tokenize exactly as the chat rows do."""
+    prompt, chosen, rejected = _user("fruit"), _assistant("apple pear"), _assistant("cat")
+    render = lambda messages, gen=False: chat_tokenizer.apply_chat_template(messages, tokenize=False,  # noqa: E731
+                                                                            add_generation_prompt=gen)
+    prompt_text = render(prompt, True)
+    text_row = {"prompt": prompt_text, "chosen": render(prompt + chosen)[len(prompt_text):],
+                "rejected": render(prompt + rejected)[len(prompt_text):]}
+    assert text_row["prompt"].startswith("<bos>") and text_row["chosen"].endswith("<eos>")
+    chat_row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    (from_text,), _ = tokenize_preferences([text_row], chat_tokenizer, max_length=64)
+    (from_chat,), _ = tokenize_preferences([chat_row], chat_tokenizer, max_length=64)
+    assert from_text == from_chat
+
+
+def test_text_that_already_ends_with_eos_gets_no_second_one(tokenizer):
+    (example,), _ = tokenize_preferences([{"prompt": "fruit:", "chosen": " apple<eos>", "rejected": " cat"}],
+                                         tokenizer, max_length=64)
+    assert tokenizer.convert_ids_to_tokens(example.chosen_ids) == ["▁apple", "<eos>"]
+    assert tokenizer.convert_ids_to_tokens(example.rejected_ids) == ["▁cat", "<eos>"]
+
+
+def test_implicit_prompts_text_and_chat(tokenizer, chat_tokenizer):
+    (text,), _ = tokenize_preferences([{"chosen": "fruit: apple pear", "rejected": "fruit: cat"}], tokenizer,
+                                      max_length=64)
+    assert tokenizer.convert_ids_to_tokens(text.prompt_ids) == ["<bos>", "▁fruit:"]
+    assert tokenizer.convert_ids_to_tokens(text.chosen_ids) == ["▁apple", "▁pear", "<eos>"]
+    chats = {"chosen": _user("fruit") + _assistant("apple pear"), "rejected": _user("fruit") + _assistant("cat")}
+    explicit = {"prompt": _user("fruit"), "chosen": _assistant("apple pear"), "rejected": _assistant("cat")}
+    assert tokenize_preferences([chats], chat_tokenizer, max_length=64)[0] == \
+        tokenize_preferences([explicit], chat_tokenizer, max_length=64)[0]
+
+
+def test_sft_messages_train_on_the_last_assistant_message(chat_tokenizer):
+    messages = _user("fruit") + _assistant("apple") + _user("more") + _assistant("pear plum")
+    (example,), _ = tokenize_sft([{"messages": messages}], chat_tokenizer, max_length=64)
+    assert chat_tokenizer.decode(example.completion_ids) == "pear plum<eos>"
+    assert chat_tokenizer.decode(example.prompt_ids).endswith("user: more<eos> assistant:")
+    (explicit,), _ = tokenize_sft([{"prompt": messages[:-1], "completion": messages[-1:]}], chat_tokenizer,
+                                  max_length=64)
+    assert explicit == example
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": _user("fruit")}, "must end with the assistant's message"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "message 0 needs a 'role' and a text"),
+    ({"messages": "fruit: apple"}, "expected text or a non-empty list of messages"),
+])
+def test_bad_conversations_are_errors_naming_the_row(chat_tokenizer, row, message):
+    with pytest.raises(ValueError, match=f"row 0.*{message}"):
+        tokenize_sft([row], chat_tokenizer, max_length=64)
+
+
+def test_chat_rows_without_a_chat_template_say_what_to_do(tokenizer):
+    row = {"prompt": _user("fruit"), "chosen": _assistant("apple"), "rejected": _assistant("cat")}
+    with pytest.raises(ValueError, match="need a tokenizer with a chat template"):
+        tokenize_preferences([row], tokenizer, max_length=64)
+
+
+def _without_automatic_bos(tokenizer, *, bos):
+    """The same vocabulary with no BOS added by the tokenizer (GPT-2 style if ``bos``, else no BOS at all)."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    core.post_processor = processors.Sequence([])
+    specials = {"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=core, **({"bos_token": "<bos>"} if bos else {}), **specials)
+
+
+def test_an_empty_prompt_still_scores_the_first_completion_token(tokenizer):
+    gpt2_style = _without_automatic_bos(tokenizer, bos=True)
+    assert gpt2_style("fruit:")["input_ids"][0] != gpt2_style.bos_token_id  # it does not add BOS itself
+    (example,), _ = tokenize_preferences([{"prompt": "", "chosen": "apple", "rejected": "cat"}], gpt2_style,
+                                         max_length=64)
+    assert example.prompt_ids == [gpt2_style.bos_token_id]  # the completion's first token has a context
+    batch = collate_preferences([example], gpt2_style.pad_token_id)
+    assert batch["completion_mask"][:, 0].sum() == 0 and batch["completion_mask"][0, 1] == 1  # and is scored
+    no_bos = _without_automatic_bos(tokenizer, bos=False)
+    with pytest.raises(ValueError, match="row 0 has an empty prompt and the tokenizer has no BOS token"):
+        tokenize_preferences([{"prompt": "", "chosen": "apple", "rejected": "cat"}], no_bos, max_length=64)
+    (kept,), _ = tokenize_preferences([{"prompt": "fruit:", "chosen": " apple", "rejected": " cat"}], no_bos,
+                                      max_length=64)
+    assert no_bos.convert_ids_to_tokens(kept.prompt_ids) == ["▁fruit:"]  # a prompt needs no BOS
+
+
+@pytest.mark.parametrize("form", ["explicit chat", "implicit chat", "implicit text"])
+def test_tokens_equal_trl_dpo_trainers(chat_tokenizer, tmp_path, form):
+    """TRL 1.16's DPOTrainer prepares the same prompt, chosen and rejected token ids."""
+    trl = pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[dev]'")
+    from datasets import Dataset
+
+    from rpo_lib.tasks import load_reference
+
+    pairs = [("fruit", "apple pear", "cat"), ("animal tool", "dog saw", "red"), ("color", "blue", "green white")]
+    if form == "explicit chat":
+        rows = [{"prompt": _user(p), "chosen": _assistant(c), "rejected": _assistant(r)} for p, c, r in pairs]
+    elif form == "implicit chat":
+        rows = [{"chosen": _user(p) + _assistant(c), "rejected": _user(p) + _assistant(r)} for p, c, r in pairs]
+    else:
+        rows = [{"chosen": f"{p}: {c}", "rejected": f"{p}: {r}"} for p, c, r in pairs]
+    model = load_reference()[0]
+    args = trl.DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], save_strategy="no")
+    theirs = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                            train_dataset=Dataset.from_list(rows), processing_class=chat_tokenizer).train_dataset
+    ours, _ = tokenize_preferences(rows, chat_tokenizer, max_length=256)
+    for mine, row in zip(ours, theirs, strict=True):
+        assert (mine.prompt_ids, mine.chosen_ids, mine.rejected_ids) == (
+            row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+
+
+def test_fingerprint_changes_with_any_token():
+    from rpo_lib.data import PreferenceExample
+
+    a = [PreferenceExample([1, 5], [7, 2], [8, 2])]
+    assert fingerprint(a) == fingerprint([PreferenceExample([1, 5], [7, 2], [8, 2])])
+    assert fingerprint(a) != fingerprint([PreferenceExample([1, 5, 7], [2], [8, 2])])  # same tokens, other split
+    assert fingerprint(a) != fingerprint([PreferenceExample([1, 5], [7, 2], [9, 2])])
