@@ -45,11 +45,13 @@ unit: $(STAMP)
 notebooks: $(STAMP)
 	RPO_FAST=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
-# Extra JupyterLab options, e.g. LAB_ARGS="--no-browser --port 8899". Root (containers) needs --allow-root.
-LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+# Extra JupyterLab options, e.g. make lab LAB_ARGS="--no-browser --port 8899". As root (containers) JupyterLab
+# refuses to start without --allow-root, which is added then, whatever LAB_ARGS holds.
+LAB_ARGS ?=
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ROOT) $(LAB_ARGS) notebooks/
 
 store-outputs: $(STAMP)
 	RPO_FAST=1 $(PY) scripts/build_workbook.py --store-checked-outputs $(NOTEBOOKS)

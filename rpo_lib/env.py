@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["device", "environment_report", "fast_mode", "in_colab", "install_missing", "missing_requirements",
-           "pick", "print_environment"]
+__all__ = ["COLAB_SETUP_CELL", "colab_plan", "colab_setup", "device", "environment_report", "fast_mode", "in_colab",
+           "install_missing", "missing_requirements", "pick", "print_environment"]
 
 T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
@@ -133,6 +133,78 @@ def install_missing(*, only_absent: bool = True) -> list[str]:
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
     return missing
+
+
+# ------------------------------------------------------------------------------------------------ Colab
+# The first code cell of every notebook (tests/test_packaging.py checks that each one is exactly this). It does
+# nothing outside Colab. On Colab it clones only an address the user gives: the workbook has no official
+# address that this library could trust on the user's behalf, and a default one that someone else could
+# register would run their code in every user's session.
+COLAB_SETUP_CELL = """\
+# Set-up. On Google Colab this installs the workbook (about 1 minute); everywhere else it does nothing.
+# On Colab, set REPO_URL to the git address of the copy of the workbook you opened this notebook from (yours, or
+# a fork you have read), or set the environment variable RPO_WORKBOOK_REPO: nothing is cloned without one.
+REPO_URL = ""
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    REPO_URL = REPO_URL or os.environ.get("RPO_WORKBOOK_REPO", "")
+    if not REPO_URL:
+        raise RuntimeError("Set REPO_URL at the top of this cell to the git address of the rpo-workbook copy you "
+                           "opened this notebook from (e.g. https://github.com/<you>/rpo-workbook), then run it again.")
+    if not os.path.isdir("/content/rpo-workbook"):
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/rpo-workbook"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "/content/rpo-workbook"], check=True)
+    sys.path.insert(0, "/content/rpo-workbook")
+    from rpo_lib.env import colab_setup
+    colab_setup()  # missing pinned packages (bitsandbytes only on a GPU), version warnings, widgets"""
+
+# Packages whose version matters for the workbook's numbers and APIs; Colab brings its own.
+COLAB_CHECKED = ("transformers", "peft", "datasets")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for requirement in importlib.metadata.requires(DISTRIBUTION) or []:
+        requirement = requirement.split(";")[0].strip()
+        if "==" in requirement:
+            pins[_requirement_name(requirement)] = requirement.split("==", 1)[1].strip()
+    return pins
+
+
+def colab_plan(*, gpu: bool) -> tuple[list[str], list[str]]:
+    """What the Colab set-up will do: ``(requirements to install, warnings to print)``.
+
+    Missing requirements are installed at their pins, except ``bitsandbytes`` on a runtime without a GPU (only
+    the 4-bit 7B notebooks use it, and they need a GPU). Colab's own torch, numpy and matplotlib are kept;
+    where its transformers, peft or datasets differ from the pins, a warning says which version the workbook
+    is tested with and how to get it.
+    """
+    install = missing_requirements()
+    warnings = []
+    if not gpu and any(_requirement_name(r) == "bitsandbytes" for r in install):
+        install = [r for r in install if _requirement_name(r) != "bitsandbytes"]
+        warnings.append("bitsandbytes is not installed: this runtime has no GPU, and only the 4-bit notebooks, "
+                        "which need one, use it (Runtime > Change runtime type > GPU, then run this cell again).")
+    pins = _pins()
+    for package in COLAB_CHECKED:
+        installed, pinned = _version(package), pins.get(package)
+        if pinned and installed != "not installed" and installed.split("+")[0] != pinned:
+            warnings.append(f"Colab has {package} {installed}; the workbook is tested with {pinned}. If a cell fails, "
+                            f"run `!pip install {package}=={pinned}`, then Runtime > Restart session.")
+    return install, warnings
+
+
+def colab_setup() -> None:
+    """The Colab set-up cell's last step: install what ``colab_plan`` lists, print its warnings, enable widgets."""
+    install, warnings = colab_plan(gpu=torch.cuda.is_available())
+    if install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *install], check=True)
+    for warning in warnings:
+        print("rpo_lib.env:", warning)
+    if in_colab():
+        from google.colab import output  # type: ignore[import-not-found]
+
+        output.enable_custom_widget_manager()  # ipywidgets 8 sliders
 
 
 if __name__ == "__main__":  # python -m rpo_lib.env [--install-missing]

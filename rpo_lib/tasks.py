@@ -48,13 +48,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from rpo_lib.data import DataReport
 
-__all__ = ["DATA_DIR", "LAB_SETTINGS", "TopicTask", "WordCounts", "build_files", "fine_tune_reference", "lab_run",
-           "load_reference", "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums",
-           "train_tokenizer"]
+__all__ = ["DATA_DIR", "LAB_SETTINGS", "REBUILD_TOLERANCES", "TopicTask", "WordCounts", "build_files",
+           "compare_builds", "fine_tune_reference", "lab_run", "load_reference", "pair_statistics",
+           "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums", "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -446,6 +447,80 @@ def build_files(directory: str | Path, *, seed: int = 0, progress: bool = False)
         rows, _ = preference_rows(task, model, tokenizer, N_PAIRS, decoy_coverage=coverage, seed=seed)
         _write_jsonl(directory / name, rows)
     return sha256sums(directory)
+
+
+# How close a rebuild of data/gold_task must come to the shipped files. The corpus and the tokenizer are pure
+# Python and integer counting: equal. The reference model is trained and the pairs are sampled with torch, whose
+# float rounding differs between CPUs (and instruction sets), and training amplifies that: rebuilt weights differ
+# from the shipped ones by up to 60% in some tensors (a tiny network has many equivalent solutions), so what is
+# compared is what the model computes and what the pairs say. Measured on rebuilds with three instruction sets
+# (AVX-512, AVX2 and none) of a 2-core AMD EPYC: NLL per token within 0.003 nats, 0.11-0.16 nats mean
+# difference of log pi(y|x) per corpus row, decoy share within 0.003, mean gold within 0.15, agreement within 0.025.
+REBUILD_TOLERANCES: dict[str, float] = {
+    "nll per token": 0.02,  # nats: the reference's mean NLL per token on the first 400 corpus rows
+    "log-prob per row": 0.5,  # nats: mean |log pi(y|x) - log pi_shipped(y|x)| over those rows
+    "with a decoy": 0.05,  # share of pairs that say a decoy (coverage-1 file; the coverage-0 file has none)
+    "gold chosen": 0.3,  # mean gold reward of the chosen responses
+    "gold rejected": 0.3,  # and of the rejected ones
+    "label agrees with gold": 0.05,  # share of pairs (gold rewards unequal) whose chosen has the higher gold
+}
+
+
+def pair_statistics(rows: Sequence[dict[str, Any]], task: TopicTask | None = None) -> dict[str, float]:
+    """What a file of preference pairs says, as the numbers ``compare_builds`` compares."""
+    task = task or TopicTask()
+    decided = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
+    return {
+        "pairs": float(len(rows)),
+        "with a decoy": sum(task.has_decoy(r["chosen"]) or task.has_decoy(r["rejected"]) for r in rows) / len(rows),
+        "gold chosen": sum(r["gold_chosen"] for r in rows) / len(rows),
+        "gold rejected": sum(r["gold_rejected"] for r in rows) / len(rows),
+        "label agrees with gold": sum(r["gold_chosen"] > r["gold_rejected"] for r in decided) / max(1, len(decided)),
+    }
+
+
+def _corpus_logps(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> tuple[Tensor, int]:
+    from rpo_lib.data import collate_sft, tokenize_sft
+    from rpo_lib.logprobs import completion_logprobs
+
+    examples, _ = tokenize_sft(rows, tokenizer, max_length=64)
+    batch = collate_sft(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps = completion_logprobs(model.eval(), batch["input_ids"], batch["attention_mask"],
+                                    batch["completion_mask"])[0]
+    return logps, int(batch["completion_mask"].sum())
+
+
+def compare_builds(built: str | Path, shipped: str | Path = DATA_DIR) -> list[str]:
+    """How a rebuild of ``data/gold_task`` (``build_files``) differs from the shipped files beyond
+    ``REBUILD_TOLERANCES``: one sentence per problem (empty: they agree)."""
+    import json as json_module
+
+    built, shipped = Path(built), Path(shipped)
+    problems = []
+    if read_jsonl(built / "sft.jsonl") != read_jsonl(shipped / "sft.jsonl"):
+        problems.append("sft.jsonl differs (the corpus is pure Python and must be equal)")
+    vocabularies = [json_module.loads((d / "reference" / "tokenizer.json").read_text())["model"]
+                    for d in (built, shipped)]
+    if vocabularies[0] != vocabularies[1]:
+        problems.append("reference/tokenizer.json differs in its vocabulary or merges (they must be equal)")
+    corpus = read_jsonl(shipped / "sft.jsonl")[:400]
+    (new, tokens), (old, _) = (_corpus_logps(*load_reference(d), corpus) for d in (built, shipped))
+    figures = {"nll per token": abs(float(new.sum() - old.sum())) / tokens,
+               "log-prob per row": float((new - old).abs().mean())}
+    for name in ("preferences.jsonl", "preferences_covered.jsonl"):
+        a, b = pair_statistics(read_jsonl(built / name)), pair_statistics(read_jsonl(shipped / name))
+        if a["pairs"] != b["pairs"]:
+            problems.append(f"{name} has {a['pairs']:.0f} pairs, the shipped file {b['pairs']:.0f}")
+        if name == "preferences.jsonl" and a["with a decoy"] != 0:
+            problems.append(f"{name} has pairs with a decoy; at decoy_coverage 0 it must have none")
+        for key in ("with a decoy", "gold chosen", "gold rejected", "label agrees with gold"):
+            figures[f"{name}: {key}"] = abs(a[key] - b[key])
+    for key, difference in figures.items():
+        limit = REBUILD_TOLERANCES[key.split(": ")[-1]]
+        if not difference <= limit:
+            problems.append(f"{key} differs by {difference:.4f} (tolerance {limit})")
+    return problems
 
 
 def load_reference(directory: str | Path = DATA_DIR):

@@ -1,7 +1,6 @@
 """Every claim notebooks 02-06 make about the bandit worlds, on several seeds."""
 
 import math
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -160,10 +159,9 @@ def test_tabular_dpo_never_moves_uncovered_logits_and_their_mass_falls(seed):
     assert policy.delta[world.covered].sum().item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_one_extrapolation_call_takes_under_twenty_seconds():
-    start = time.perf_counter()
+def test_one_extrapolation_call_returns_every_curve():
+    # Its run time is measured by benchmarks/bandit_experiment.py, not asserted: a busy machine is no defect.
     history = bandit.extrapolation_experiment("hypo", False, 0)
-    assert time.perf_counter() - start < 20
     assert set(history) >= {"step", "logp_preferred", "logp_best", "ood_mass", "reverse_kl", "gold_reward"}
     assert all(isinstance(v, np.ndarray) and v.shape == history["step"].shape for v in history.values())
 

@@ -1,5 +1,6 @@
 """rpo_lib.tasks: the gold reward, the tokenizer, the shipped files, and what notebook 07 claims."""
 
+import copy
 import random
 import statistics
 import subprocess
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rpo_lib.tasks import (DATA_DIR, TopicTask, lab_run, load_reference, read_jsonl, reference_corpus,
-                           sha256sums, train_tokenizer)
+from rpo_lib.tasks import (DATA_DIR, TopicTask, compare_builds, lab_run, load_reference, read_jsonl,
+                           reference_corpus, sha256sums, train_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = TopicTask()
@@ -74,11 +75,42 @@ def test_corpus_and_tokenizer_rebuild_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_script_rebuilds_every_file():
+def test_the_script_rebuilds_every_file_within_the_stated_tolerances():
+    """A fresh build on this machine: the corpus and tokenizer equal, the model and the pairs within
+    REBUILD_TOLERANCES (byte equality is opt-in, --exact: it holds only on the CPU that made the files)."""
     result = subprocess.run([sys.executable, "scripts/make_gold_task_data.py"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "a fresh build reproduces them" in result.stdout
+    assert "a fresh build reproduces them (within rpo_lib.tasks.REBUILD_TOLERANCES)" in result.stdout
+
+
+def _shipped_copy(tmp_path):
+    import shutil
+    copy = tmp_path / "gold_task"
+    shutil.copytree(DATA_DIR, copy)
+    return copy
+
+
+def test_the_rebuild_check_catches_swapped_pairs(tmp_path):
+    copy = _shipped_copy(tmp_path)
+    hidden, covered = copy / "preferences.jsonl", copy / "preferences_covered.jsonl"
+    hidden_text = hidden.read_text()
+    hidden.write_text(covered.read_text())
+    covered.write_text(hidden_text)
+    problems = compare_builds(copy)
+    assert any("preferences.jsonl has pairs with a decoy" in p for p in problems)
+    assert any("preferences_covered.jsonl: with a decoy differs by 0.2300" in p for p in problems)
+
+
+def test_the_rebuild_check_catches_a_model_that_computes_something_else(tmp_path):
+    from rpo_lib.tasks import reference_model
+
+    copy = _shipped_copy(tmp_path)
+    _, tokenizer = load_reference()
+    reference_model(tokenizer, seed=3).save_pretrained(copy / "reference")  # untrained: uniform-ish guesses
+    problems = compare_builds(copy)
+    assert any(p.startswith("nll per token differs by") for p in problems)
+    assert compare_builds(DATA_DIR) == []  # the shipped files agree with themselves
 
 
 def test_preference_files():
@@ -99,13 +131,47 @@ def test_preference_files():
 def test_reference_policy_matches_its_generator():
     from rpo_lib.train import Trainer, preset
     model, tokenizer = load_reference()
-    trainer = Trainer(model, tokenizer, read_jsonl(DATA_DIR / "preferences.jsonl")[:8],
+    trainer = Trainer(copy.deepcopy(model), tokenizer, read_jsonl(DATA_DIR / "preferences.jsonl")[:8],
                       preset("tiny", progress=False), ref_model=model)
     metrics = TASK.evaluator(tokenizer, samples_per_prompt=64)(trainer)
-    assert metrics["kl/sampled"] == 0.0
+    assert metrics["kl/sampled"] == pytest.approx(0.0, abs=1e-5)  # a copy of pi_ref, scored as pi_ref
     assert abs(metrics["gold/reward"] - TASK.expected_reference_gold()) < 0.25
     assert 0.08 < metrics["gold/decoy_mass"] < 0.18  # 1 - (1 - 0.03)^(~4 words)
     assert metrics["gold/malformed"] < 0.01 and metrics["gold/unfinished"] == 0  # it rarely misspells
+
+
+def _summed_logps(model, samples):
+    """log pi(y|x) of sampled rows, summed over completion tokens, by a plain log_softmax (not rpo_lib)."""
+    import torch
+    with torch.no_grad():
+        logits = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, samples.input_ids[:, 1:, None]).squeeze(2)
+    return (logps * samples.completion_mask[:, 1:]).sum(dim=1)
+
+
+def test_sampled_kl_is_the_mean_log_ratio_of_the_policys_own_samples():
+    """An independent computation: the evaluator's kl/sampled for a policy that is not pi_ref equals the mean of
+    log pi(y) - log pi_ref(y) over the same samples, scored here with a plain log_softmax."""
+    import torch
+
+    from rpo_lib.train import Trainer, preset
+
+    model, tokenizer = load_reference()
+    policy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    trainer = Trainer(policy, tokenizer, read_jsonl(DATA_DIR / "preferences.jsonl")[:8],
+                      preset("tiny", progress=False), ref_model=model)
+    drawn = {}
+    sample = trainer.sample
+    trainer.sample = lambda *args, **kwargs: drawn.setdefault("samples", sample(*args, **kwargs))
+    metrics = TASK.evaluator(tokenizer, samples_per_prompt=32)(trainer)
+    samples = drawn["samples"]
+    expected = float((_summed_logps(policy, samples) - _summed_logps(model, samples)).mean())
+    assert metrics["kl/sampled"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert expected > 0.05  # the policy really differs: the check above compares something
 
 
 # ------------------------------------------------------------------ notebook 07's claims, on three seeds
