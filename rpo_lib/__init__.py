@@ -11,6 +11,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.data``      text rows -> checked, tokenized examples -> padded batches; dropped rows are counted.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
 - ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
+- ``rpo_lib.checkpoints`` the trainer's checkpoint files: atomic writes, safe loading, discovery by step.
 - ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
@@ -25,8 +26,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bandit", "bt", "coverage", "data", "env", "exercises", "logprobs", "losses", "models", "plotting",
-           "sample", "tasks", "train"]
+__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "exercises", "logprobs", "losses", "models",
+           "plotting", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

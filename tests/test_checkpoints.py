@@ -84,6 +84,27 @@ def test_ctrl_c_names_an_intact_checkpoint_that_exists(reference, pairs, tmp_pat
     assert resumed.train(resume=True) == straight
 
 
+def test_ctrl_c_never_names_a_checkpoint_that_rotation_deleted(reference, pairs, tmp_path, capsys):
+    """Resuming from an older checkpoint while a newer one exists: with keep_checkpoints=1 the rotation keeps the
+    newest by step and deletes the file just written. The message names what is there when Ctrl-C comes."""
+    config = dict(max_steps=6, save_every=1, keep_checkpoints=3, checkpoint_dir=str(tmp_path))
+    _trainer(reference, pairs, **config).train()  # checkpoints 4, 5 and 6
+    resumed = _trainer(reference, pairs, **{**config, "keep_checkpoints": 1})
+    real_step = resumed._optimizer_step
+
+    def interrupt_at_step_6(step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    resumed._optimizer_step = interrupt_at_step_6
+    with pytest.raises(KeyboardInterrupt):
+        resumed.train(resume=tmp_path / "checkpoint-000004.pt")  # writes 5, then rotation keeps only 6
+    message = capsys.readouterr().out
+    named = pathlib.Path(message.split("The last checkpoint, ")[1].split(", is intact")[0])
+    assert named.exists(), message
+
+
 def test_cuda_rng_states_are_saved_and_restored(reference, pairs, tmp_path, monkeypatch):
     """Bit-exact resume on a GPU needs the CUDA generators too (faked here: this machine has no GPU)."""
     states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
