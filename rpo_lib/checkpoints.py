@@ -100,7 +100,8 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
                 path, f"refused by torch.load(weights_only=True): it holds Python objects, not only tensors and "
                       f"plain data, so loading it could run code ({detail_text}). rpo_lib never writes such files; "
                       f"do not load it.") from error
-        raise CheckpointError(path, f"not a readable checkpoint ({detail_text}); it is truncated or damaged.") from error
+        problem = f"not a readable checkpoint ({detail_text}); it is truncated or damaged."
+        raise CheckpointError(path, problem) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
             path, f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:160]}); it "

@@ -153,7 +153,8 @@ if "google.colab" in sys.modules:
                            "opened this notebook from (e.g. https://github.com/<you>/rpo-workbook), then run it again.")
     if not os.path.isdir("/content/rpo-workbook"):
         subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/rpo-workbook"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "/content/rpo-workbook"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "/content/rpo-workbook"],
+                   check=True)
     sys.path.insert(0, "/content/rpo-workbook")
     from rpo_lib.env import colab_setup
     colab_setup()  # missing pinned packages (bitsandbytes only on a GPU), version warnings, widgets"""

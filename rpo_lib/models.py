@@ -152,9 +152,9 @@ def keep_4bit_trainable_on_cpu(model: Any) -> int:
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             changed += 1
-        state = getattr(module.weight, "quant_state", None)
+        weight: Any = module.weight  # a bitsandbytes Params4bit
+        state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             changed += 1
     return changed

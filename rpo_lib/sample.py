@@ -86,7 +86,7 @@ def kv_cache_bytes(model: Any, rows: int, tokens: int) -> int:
         raise ValueError("kv_cache_bytes needs a Hugging Face model with a .config (num_hidden_layers, ...).")
     config = getattr(config, "text_config", None) or config
     layers = config.num_hidden_layers
-    heads = getattr(config, "num_attention_heads")
+    heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32

@@ -505,7 +505,9 @@ def compare_builds(built: str | Path, shipped: str | Path = DATA_DIR) -> list[st
     if vocabularies[0] != vocabularies[1]:
         problems.append("reference/tokenizer.json differs in its vocabulary or merges (they must be equal)")
     corpus = read_jsonl(shipped / "sft.jsonl")[:400]
-    (new, tokens), (old, _) = (_corpus_logps(*load_reference(d), corpus) for d in (built, shipped))
+    (new_model, new_tokenizer), (old_model, old_tokenizer) = load_reference(built), load_reference(shipped)
+    (new, tokens), (old, _) = _corpus_logps(new_model, new_tokenizer, corpus), _corpus_logps(old_model, old_tokenizer,
+                                                                                          corpus)
     figures = {"nll per token": abs(float(new.sum() - old.sum())) / tokens,
                "log-prob per row": float((new - old).abs().mean())}
     for name in ("preferences.jsonl", "preferences_covered.jsonl"):

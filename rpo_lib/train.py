@@ -179,7 +179,7 @@ def _field_problem(name: str, value: Any, kind: str, bound: Any) -> str | None:
         return None if isinstance(value, (str, os.PathLike)) else f"{name} must be text; got {value!r}"
     if kind == "betas":
         ok = (isinstance(value, (tuple, list)) and len(value) == 2
-              and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in value))
+              and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= float(b) < 1 for b in value))
         return None if ok else f"{name} must be two numbers in [0, 1), e.g. (0.9, 0.999); got {value!r}"
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         return f"{name} must be a whole number; got {value!r} ({type(value).__name__})"
@@ -761,7 +761,8 @@ class Trainer:
             if unexpected:
                 parts.append(f"{len(unexpected)} trained tensor(s) this model lacks ({', '.join(unexpected[:3])} ...)")
             if missing:
-                parts.append(f"{len(missing)} of this model's trainable tensor(s) are absent ({', '.join(missing[:3])} ...)")
+                parts.append(f"{len(missing)} of this model's trainable tensor(s) are absent "
+                             f"({', '.join(missing[:3])} ...)")
             if reshaped:
                 name = reshaped[0]
                 parts.append(f"{len(reshaped)} tensor(s) of another shape ({name}: {saved['trainable'][name]} in the "

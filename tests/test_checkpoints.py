@@ -8,18 +8,8 @@ import torch
 
 from rpo_lib import checkpoints
 from rpo_lib.checkpoints import CheckpointError, checkpoint_files, latest_checkpoint
-from rpo_lib.tasks import DATA_DIR, TopicTask, load_reference, read_jsonl
+from rpo_lib.tasks import DATA_DIR, TopicTask, read_jsonl
 from rpo_lib.train import Trainer, preset
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return load_reference()
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    return read_jsonl(DATA_DIR / "preferences.jsonl")[:64]
 
 
 def _config(**changes):
@@ -262,7 +252,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_intact_one(ref
     resumed = _trainer(reference, pairs, **config)
     history = resumed.train(resume=True)
     out = capsys.readouterr().out
-    assert f"skipping checkpoint-000004.pt: " in out and "Resuming from checkpoint-000002.pt" in out
+    assert "skipping checkpoint-000004.pt: " in out and "Resuming from checkpoint-000002.pt" in out
     assert history == expected  # steps 3 and 4 redone, exactly
 
 

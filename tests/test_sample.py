@@ -5,12 +5,6 @@ import torch
 
 from rpo_lib.logprobs import completion_logprobs
 from rpo_lib.sample import sample
-from rpo_lib.tasks import load_reference
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return load_reference()
 
 
 def _prompts(tokenizer):

@@ -9,18 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rpo_lib import train as train_module
-from rpo_lib.tasks import DATA_DIR, TopicTask, load_reference, read_jsonl, reference_corpus
-from rpo_lib.train import Trainer, TrainConfig, _lr_factor, latest_checkpoint, preset
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return load_reference()
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    return read_jsonl(DATA_DIR / "preferences.jsonl")[:64]
+from rpo_lib.tasks import DATA_DIR, TopicTask, load_reference, reference_corpus
+from rpo_lib.train import Trainer, TrainConfig, _lr_factor, preset
 
 
 def _perturbed(model, seed=0):
@@ -259,7 +249,8 @@ def _4bit_and_dense_twin(compute_dtype):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=compute_dtype)
     quantized = AutoModelForCausalLM.from_pretrained(DATA_DIR / "reference", quantization_config=quantization,
                                                      device_map="cpu")
     assert quantized.is_loaded_in_4bit
@@ -410,8 +401,11 @@ def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, 
     seen = {}
     draw, online_term = trainer._online_samples, train_module.losses.hypo_online_term
     trainer._online_samples = lambda indices: seen.setdefault("samples", draw(indices))
-    monkeypatch.setattr(train_module.losses, "hypo_online_term",
-                        lambda logps, ref, lam: seen.setdefault("args", (logps, ref)) and online_term(logps, ref, lam=lam))
+
+    def record(logps, ref, lam):
+        seen["args"] = (logps, ref)
+        return online_term(logps, ref, lam=lam)
+    monkeypatch.setattr(train_module.losses, "hypo_online_term", record)
     policy_before = copy.deepcopy(trainer.model)
     trainer._optimizer_step(0)
     batch = seen["samples"].batch()
@@ -501,9 +495,11 @@ def test_precompute_has_its_own_batch_size(reference, pairs):
     for size, passes in ((16, 4), (None, 16)):  # None: 4 x micro_batch_size (1 pair) = 4 pairs per pass
         trainer = Trainer(copy.deepcopy(model), tokenizer, pairs, _config(precompute_ref_logps=True, micro_batch_size=1,
                                                                           precompute_ref_batch_size=size))
-        rows = []
-        handle = trainer.model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
-                                                         with_kwargs=True)
+        rows: list[int] = []
+
+        def count(module, args, kwargs, rows=rows):
+            rows.append(kwargs["input_ids"].shape[0])
+        handle = trainer.model.register_forward_pre_hook(count, with_kwargs=True)
         trainer._precompute()
         handle.remove()
         assert len(rows) == passes and rows[0] == 2 * (size or 4)  # chosen and rejected rows
