@@ -13,8 +13,8 @@ device="cuda")``), or the probabilities are copied to the generator's device at 
 the device once every ``_FINISHED_CHECK_EVERY`` tokens (have all rows finished?) and once at the end.
 
 Memory: the KV cache grows with rows x tokens (``kv_cache_bytes``); ``max_rows`` splits the rows into
-generation loops of at most that many (``rows_that_fit`` sizes it from a memory budget). The samples are
-the same draws of the same distribution either way, but not the same random numbers.
+generation loops of at most that many (``rows_that_fit`` sizes it from a memory budget). The samples follow
+the same distribution whatever ``max_rows`` is, but another ``max_rows`` gives other samples for the same seed.
 """
 
 from __future__ import annotations

@@ -201,6 +201,8 @@ def test_dpo_overoptimises_into_the_uncovered_region(lab, seed):
     assert gold[-1] < gold[0] - 1.5  # ... then falls far below the reference
     assert decoy[-1] > 3 * decoy[0]  # mass moves to responses the data never show
     assert kl[-1] > 5
+    malformed = _evals(h, "gold/malformed")
+    assert malformed[0] < 0.05 and malformed[-1] > 0.2  # and it starts to misspell (notebook 07, section 5c)
     chosen, rejected = _evals(h, "eval/logps/chosen"), _evals(h, "eval/logps/rejected")
     assert chosen[-1] < chosen[0] - 2  # likelihood displacement: the chosen responses lose probability
     assert rejected[-1] - rejected[0] < chosen[-1] - chosen[0]  # the rejected lose more
