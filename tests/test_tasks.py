@@ -59,6 +59,8 @@ def test_tokenizer_makes_every_word_one_token_and_spells_the_rest():
 
 
 def test_shipped_files_match_their_checksums():
+    # The bytes of the files in the repository against the checksums beside them: damage or an edit without
+    # `--write`. The same on every machine (nothing is computed); rebuilds are compared within tolerances below.
     recorded = {}
     for line in (DATA_DIR / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
