@@ -124,11 +124,7 @@ def _split_implicit(chosen: Any, rejected: Any, index: int) -> tuple[Any, Any, A
     """(prompt, chosen, rejected) from two full texts or conversations that share their beginning (TRL's
     ``extract_prompt``): the longest common prefix of characters (a space before the split goes to the
     completions) or of messages."""
-    n = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        n += 1
+    n = _common_prefix(chosen, rejected)
     if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":
         n -= 1
     if n == 0 or n == len(chosen) or n == len(rejected):
@@ -171,7 +167,7 @@ def _row_parts(row: Any, index: int, completion_fields: tuple[str, ...]) -> tupl
     return prompt, completions
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -98,6 +98,18 @@ def _requirement_name(requirement: str) -> str:
     return re.split(r"[\s;<>=!~\[]", requirement, maxsplit=1)[0].lower()
 
 
+def _parse(requirements: list[str]) -> list[tuple[str, str, str | None]]:
+    """``(requirement, package name, pinned version or None)`` of the runtime requirements (extras skipped)."""
+    parsed = []
+    for requirement in requirements:
+        if "extra ==" in requirement:
+            continue
+        requirement = requirement.split(";")[0].strip()
+        pinned = requirement.split("==", 1)[1].strip() if "==" in requirement else None
+        parsed.append((requirement, _requirement_name(requirement), pinned))
+    return parsed
+
+
 def missing_requirements(*, only_absent: bool = True) -> list[str]:
     """The workbook's pinned runtime requirements that this environment lacks.
 
@@ -114,12 +126,8 @@ def missing_requirements(*, only_absent: bool = True) -> list[str]:
             f"workbook's folder first."
         ) from error
     missing = []
-    for requirement in requirements:
-        if "extra ==" in requirement:
-            continue
-        requirement = requirement.split(";")[0].strip()
-        installed = _version(_requirement_name(requirement))
-        pinned = requirement.split("==", 1)[1].strip() if "==" in requirement else None
+    for requirement, name, pinned in _parse(requirements):
+        installed = _version(name)
         if installed == "not installed":
             missing.append(requirement)
         elif not only_absent and pinned is not None and installed.split("+")[0] != pinned:
@@ -164,12 +172,8 @@ COLAB_CHECKED = ("transformers", "peft", "datasets")
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
-    for requirement in importlib.metadata.requires(DISTRIBUTION) or []:
-        requirement = requirement.split(";")[0].strip()
-        if "==" in requirement:
-            pins[_requirement_name(requirement)] = requirement.split("==", 1)[1].strip()
-    return pins
+    return {name: pinned for _, name, pinned in _parse(importlib.metadata.requires(DISTRIBUTION) or [])
+            if pinned is not None}
 
 
 def colab_plan(*, gpu: bool) -> tuple[list[str], list[str]]:

@@ -7,6 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402  (after the environment is set: these imports may load transformers)
 
+import torch  # noqa: E402
+
 from rpo_lib.tasks import DATA_DIR, load_reference, read_jsonl  # noqa: E402
 
 
@@ -20,3 +22,18 @@ def reference():
 def pairs():
     """The first 64 preference pairs of data/gold_task/preferences.jsonl."""
     return read_jsonl(DATA_DIR / "preferences.jsonl")[:64]
+
+
+def _plain_summed_logps(model, rows):
+    """log pi(y|x) of right-padded rows (a batch dict or rpo_lib.sample.Samples), summed over completion tokens,
+    by a plain log_softmax: independent of rpo_lib.logprobs, for checking it."""
+    batch = rows.batch() if hasattr(rows, "batch") else rows
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+    return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+@pytest.fixture
+def plain_summed_logps():
+    return _plain_summed_logps

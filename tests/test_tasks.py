@@ -142,16 +142,7 @@ def test_reference_policy_matches_its_generator():
     assert metrics["gold/malformed"] < 0.01 and metrics["gold/unfinished"] == 0  # it rarely misspells
 
 
-def _summed_logps(model, samples):
-    """log pi(y|x) of sampled rows, summed over completion tokens, by a plain log_softmax (not rpo_lib)."""
-    import torch
-    with torch.no_grad():
-        logits = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, samples.input_ids[:, 1:, None]).squeeze(2)
-    return (logps * samples.completion_mask[:, 1:]).sum(dim=1)
-
-
-def test_sampled_kl_is_the_mean_log_ratio_of_the_policys_own_samples():
+def test_sampled_kl_is_the_mean_log_ratio_of_the_policys_own_samples(plain_summed_logps):
     """An independent computation: the evaluator's kl/sampled for a policy that is not pi_ref equals the mean of
     log pi(y) - log pi_ref(y) over the same samples, scored here with a plain log_softmax."""
     import torch
@@ -171,7 +162,7 @@ def test_sampled_kl_is_the_mean_log_ratio_of_the_policys_own_samples():
     trainer.sample = lambda *args, **kwargs: drawn.setdefault("samples", sample(*args, **kwargs))
     metrics = TASK.evaluator(tokenizer, samples_per_prompt=32)(trainer)
     samples = drawn["samples"]
-    expected = float((_summed_logps(policy, samples) - _summed_logps(model, samples)).mean())
+    expected = float((plain_summed_logps(policy, samples) - plain_summed_logps(model, samples)).mean())
     assert metrics["kl/sampled"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert expected > 0.05  # the policy really differs: the check above compares something
 

@@ -385,15 +385,7 @@ def test_with_dropout_on_the_same_comparison_is_noise(reference, pairs):
 
 
 # ---------------------------------------------------------------------------------- what is scored how
-def _summed_logps(model, batch):
-    """log pi(y|x) summed over completion tokens, by a plain log_softmax (independent of rpo_lib.logprobs)."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
-
-
-def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, monkeypatch):
+def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, monkeypatch, plain_summed_logps):
     """Whatever logp_reduction says for the pairs, the online KL is of whole responses: sums."""
     model, tokenizer = reference
     trainer = Trainer(_perturbed(model), tokenizer, pairs, _config(method="hypo", logp_reduction="mean"),
@@ -410,8 +402,9 @@ def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, 
     trainer._optimizer_step(0)
     batch = seen["samples"].batch()
     logps, ref_logps = seen["args"]
-    torch.testing.assert_close(logps.detach().flatten(), _summed_logps(policy_before, batch), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ref_logps.flatten(), _summed_logps(model, batch), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logps.detach().flatten(), plain_summed_logps(policy_before, batch), rtol=1e-5,
+                               atol=1e-4)
+    torch.testing.assert_close(ref_logps.flatten(), plain_summed_logps(model, batch), rtol=1e-5, atol=1e-4)
 
 
 def test_batches_never_repeat_a_pair_across_an_epoch_boundary(reference, pairs):
