@@ -23,7 +23,7 @@ preference data never shows: coverage is a knob), and optionally feature vectors
   over token sequences, and the exact gradient, to measure the estimator's bias and variance.
 
 Shapes: ``(X, Y)`` tables are prompts x responses; ``(X, Y, d)`` features. Everything is float64 so that
-KL values of ``log(1/eps)`` size stay exact. Formulas: ``../shared/docs/math.md`` sections 2-8.
+KL values of ``log(1/eps)`` size stay exact. Formulas: ``docs/math.md`` (this repository) sections 2-8.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class BanditWorld:
         return self._average((self.ref_logps.exp() * (self.ref_logps - logps)).sum(-1))
 
     def objective(self, logps: Tensor, beta: float, rewards: Tensor | None = None) -> Tensor:
-        """The KL-regularised objective ``J(pi) = E_x[E_pi r - beta KL(pi||pi_ref)]`` (math.md 2).
+        """The KL-regularised objective ``J(pi) = E_x[E_pi r - beta KL(pi||pi_ref)]`` (docs/math.md 2).
 
         ``rewards`` defaults to the gold reward; pass a fitted reward model to get RLHF's objective.
         """
@@ -147,7 +147,7 @@ class BanditWorld:
         return self._average((logps.exp() * rewards).sum(-1)) - beta * self.reverse_kl(logps)
 
     def optimal_logps(self, beta: float, rewards: Tensor | None = None) -> Tensor:
-        """Closed-form maximiser of ``J``: ``pi* ∝ pi_ref exp(r / beta)`` (math.md 2), as (X, Y) log-probs."""
+        """Closed-form maximiser of ``J``: ``pi* ∝ pi_ref exp(r / beta)`` (docs/math.md 2), as (X, Y) log-probs."""
         rewards = self.gold_rewards if rewards is None else rewards.to(self.ref_logps.dtype)
         return torch.log_softmax(self.ref_logps + rewards / beta, dim=-1)
 
@@ -192,16 +192,18 @@ class BanditWorld:
 
     def maximin_objective(self, logps: Tensor, rewards: Tensor, *, eta: float, beta: float,
                           base_probs: Tensor | None = None) -> Tensor:
-        """RPO's maximin objective (Liu et al., math.md 6), exactly:
+        """RPO's maximin objective (Liu et al. 2024, section 3; docs/math.md section 6), exactly:
 
-        ``phi(pi, r) = eta * L_D(r) + E_x[E_pi r - E_base r] - beta * KL(pi || pi_ref)``.
+        ``phi(pi, r) = eta * (E_x[E_pi r - E_base r] - beta * KL(pi || pi_ref)) + L_D(r)``.
 
-        The policy maximises it, the adversarial reward minimises it. ``base_probs`` (X, Y) defaults to the
-        chosen responses' distribution (``chosen_distribution``, computed once).
+        The policy maximises it, the adversarial reward minimises it. eta weights the penalised objective,
+        as in the paper: eta = 0 leaves only ``L_D`` (the adversary is the MLE reward, RPO is DPO), and the
+        reparameterised loss is ``L_DPO + eta * beta * E_base[-log pi]`` (``rpo_loss(..., eta=eta)``).
+        ``base_probs`` (X, Y) defaults to the chosen responses' distribution (``chosen_distribution``).
         """
         base = self.chosen_distribution if base_probs is None else base_probs
         gap = ((logps.exp() - base) * rewards).sum(-1)  # (X,)
-        return eta * self.population_bt_loss(rewards) + self._average(gap) - beta * self.reverse_kl(logps)
+        return eta * (self._average(gap) - beta * self.reverse_kl(logps)) + self.population_bt_loss(rewards)
 
     def population_loss(self, logps: Tensor, method: Literal["dpo", "ipo"] = "dpo", *, beta: float = 0.1,
                         tau: float = 0.1) -> Tensor:
@@ -317,7 +319,7 @@ def hidden_flaw_world(seed: int = 0, *, n_responses: int = 100, dim: int = 16, n
 
 
 def three_response_world(eps: float, *, gold_rewards: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> BanditWorld:
-    """The construction of Song et al. Prop. 4.1 (math.md 5): no prompt, ``Y = {y1, y2, y3}``.
+    """The construction of Song et al. Prop. 4.1 (docs/math.md 5): no prompt, ``Y = {y1, y2, y3}``.
 
     ``pi_ref = ((1 - eps)/2, (1 - eps)/2, eps)``; the data covers y1 and y2 only, so y3 is seen by pi_ref
     (mass eps) but never by the data. The gold rewards default to (1, 0, 0).
@@ -404,9 +406,9 @@ class BanditConfig:
         batch_size: pairs per step (DPO, IPO, RPO, HyPO); RLHF uses the exact full gradient.
         beta: KL strength of DPO / RPO / HyPO and of RLHF's objective.
         tau: IPO's regularisation (its target gap is ``1/(2 tau)``).
-        eta: weight of RPO's SFT term (``rpo_loss(..., eta=eta)``; a single response is one "token", so
-            the SFT normalisations coincide).
-        rpo_scale_by_beta: multiply the SFT term by beta as in the authors' handbook code.
+        eta: RPO's eta in Liu et al.'s convention: the loss is ``L_DPO + eta * beta * (-log pi(y+))``
+            (``rpo_loss(..., eta=eta, normalization="sum")``, the reparameterised maximin); 0 is DPO. A
+            response is one "token" here, so the SFT weight is ``eta * beta`` (0.1 by default).
         lam: weight of HyPO's online reverse-KL term.
         k: online samples per prompt for HyPO (RLOO needs k >= 2).
         online_batch: prompts per step for HyPO's online term.
@@ -422,8 +424,7 @@ class BanditConfig:
     batch_size: int = 64
     beta: float = 0.1
     tau: float = 0.1
-    eta: float = 0.1
-    rpo_scale_by_beta: bool = False
+    eta: float = 1.0
     lam: float = 0.05
     k: int = 2
     online_batch: int = 32
@@ -520,7 +521,7 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
         elif method == "rpo":
             ones = torch.ones(config.batch_size, 1, dtype=torch.bool)
             out = losses.rpo_loss(*args, logps[x, chosen].unsqueeze(1), ones, beta=config.beta, eta=config.eta,
-                                  normalization="sum", scale_by_beta=config.rpo_scale_by_beta)
+                                  normalization="sum")
         else:  # hypo: online samples from the current policy, k per prompt
             prompts = torch.multinomial(world.prompt_probs, config.online_batch, replacement=True,
                                         generator=generator)
@@ -579,7 +580,7 @@ def solve_min_max(world: BanditWorld, *, eta: float, beta: float, reward_bound: 
                   lr: float = 0.02) -> tuple[float, Tensor, Tensor]:
     """``min_r max_pi maximin_objective`` over rewards in ``[-reward_bound, reward_bound]``.
 
-    The inner maximum is the closed form ``pi_r ∝ pi_ref exp(r/beta)`` (math.md 2); the outer minimisation is
+    The inner maximum is the closed form ``pi_r ∝ pi_ref exp(r/beta)`` (docs/math.md 2); the outer minimisation is
     projected Adam on the (convex) result. Returns ``(value, reward, logps)``: the value, the adversary's
     reward (X, Y) and the policy ``pi_r`` (X, Y) at the solution.
     """
@@ -642,7 +643,8 @@ def default_config(world: str, method: Method) -> BanditConfig:
     """The hyper-parameters of ``experiment`` for a world and method (stated, not tuned per seed).
 
     All worlds: SGD, batch 64, beta 0.1 (DPO, RPO, HyPO and RLHF's objective), tau 0.1 for IPO,
-    RPO eta 0.1 on the summed (= one-token) NLL, HyPO lambda 0.05 with k = 2 online samples per prompt.
+    RPO eta 1 (Liu et al.'s convention: SFT weight eta * beta = 0.1 on
+    the one-token NLL), HyPO lambda 0.05 with k = 2 online samples per prompt.
     Steps: 5000 in the tabular world (the paper's "5000 iterations"), 1500 with features (the paper does not
     say; the curves have settled by then).
     RLHF: ridge 1e-4 on the reward fit, exact gradient ascent. Learning rates: 0.05 with features, 1.0 for

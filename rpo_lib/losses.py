@@ -22,7 +22,7 @@ Conventions
 - The value checks can be deferred (``rpo_lib._checks.deferred_checks``) so that a training step reads them
   back once; they are never skipped.
 
-Equations: ``../shared/docs/math.md`` sections 3 (DPO, IPO), 6 (RPO) and 7 (HyPO).
+Equations: ``docs/math.md`` (in this repository) sections 3 (DPO, IPO), 6 (RPO) and 7 (HyPO).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from rpo_lib._checks import (check_finite, check_hyperparameter, check_not_empty
 from rpo_lib.bt import bt_loss, weighted_mean
 
 __all__ = [
+    "Coefficient",
     "LossTerm",
     "Normalization",
     "PreferenceLoss",
@@ -49,6 +50,7 @@ __all__ = [
     "ipo_loss",
     "online_kl_loss",
     "rpo_loss",
+    "rpo_variant_losses",
     "sft_loss",
 ]
 
@@ -230,29 +232,45 @@ def sft_loss(token_logps: Tensor, mask: Tensor, *, normalization: Normalization 
     return -per_sequence.sum() / lengths.sum()
 
 
+Coefficient = Literal["eta", "sft_weight"]
+
+
 @dataclass(frozen=True)
 class RPOVariant:
-    """One published way of scaling RPO's SFT term (math.md section 6)."""
+    """One published form of RPO's SFT term (docs/math.md section 6): a normalisation and a coefficient.
+
+    ``coefficient`` says which of ``rpo_loss``'s two arguments the source's number is: ``"eta"``, Liu et al.'s
+    eta (the SFT term is multiplied by ``eta * beta``), or ``"sft_weight"``, a plain weight ``w`` on the SFT
+    term (no beta). ``value`` is the published number, ``beta`` the published DPO beta where the source fixes one.
+    """
 
     normalization: Normalization
-    scale_by_beta: bool
-    eta: float  # the published weight of the SFT term
-    beta: float | None  # the published DPO beta, where the source fixes one
+    coefficient: Coefficient
+    value: float
+    beta: float | None
     source: str
 
-    def kwargs(self) -> dict:
-        """The two arguments of ``rpo_loss`` that select this variant."""
-        return {"normalization": self.normalization, "scale_by_beta": self.scale_by_beta}
+    def kwargs(self, value: float | None = None) -> dict:
+        """``rpo_loss`` arguments for this variant: its normalisation and its coefficient, set to ``value``
+        (the published one by default). E.g. ``rpo_loss(..., beta=0.01, **RPO_VARIANTS["handbook"].kwargs())``."""
+        return {"normalization": self.normalization, self.coefficient: self.value if value is None else value}
+
+    def sft_weight(self, beta: float, value: float | None = None) -> float:
+        """The multiplier of the SFT term at this ``beta``: ``eta * beta`` or ``w``."""
+        value = self.value if value is None else value
+        return value * beta if self.coefficient == "eta" else value
 
 
 RPO_VARIANTS: dict[str, RPOVariant] = {
-    "handbook": RPOVariant("sum", True, eta=0.005, beta=0.01,
-                           source="Liu et al.'s alignment-handbook patch, zephyr-7b-beta"),
-    "openrlhf": RPOVariant("seq_mean", False, eta=0.2, beta=0.5,
-                           source="Liu et al.'s OpenRLHF patch, zephyr-gemma; 'generally better'"),
-    "trl": RPOVariant("token_mean", False, eta=1.0, beta=None,
-                      source="TRL >= 0.29: loss_type=['sigmoid','sft'], loss_weights=[1, eta]; TRL's docs "
-                             "recommended rpo_alpha=1.0; beta is yours (TRL's default is 0.1)"),
+    "handbook": RPOVariant("sum", "eta", 0.005, beta=0.01,
+                           source="Liu et al.'s alignment-handbook patch, zephyr-7b-beta: the reparameterised "
+                                  "maximin, eta in the paper's convention"),
+    "openrlhf": RPOVariant("seq_mean", "sft_weight", 0.2, beta=0.5,
+                           source="Liu et al.'s OpenRLHF patch, zephyr-gemma ('generally better'); their code "
+                                  "calls the weight eta, but it multiplies a per-sequence mean and no beta"),
+    "trl": RPOVariant("token_mean", "sft_weight", 1.0, beta=None,
+                      source="TRL >= 0.29: loss_type=['sigmoid','sft'], loss_weights=[1, w] (formerly rpo_alpha, "
+                             "recommended 1.0); beta is yours (TRL's default is 0.1)"),
 }
 
 
@@ -265,51 +283,86 @@ def rpo_loss(
     chosen_mask: Tensor,
     *,
     beta: float,
-    eta: float,
-    normalization: Normalization = "seq_mean",
-    scale_by_beta: bool = False,
+    eta: float | None = None,
+    sft_weight: float | None = None,
+    normalization: Normalization = "sum",
     token_count: float | None = None,
 ) -> PreferenceLoss:
-    """RPO (Liu et al. 2024): DPO plus an SFT loss on the chosen responses (math.md section 6).
+    """RPO (Liu et al. 2024): DPO plus an SFT loss on the chosen responses (docs/math.md section 6).
 
-    ``L = L_DPO + eta * (beta if scale_by_beta else 1) * sft_loss(chosen tokens, normalization)``
+    Give exactly one coefficient:
 
-    The SFT term is the reparameterised reward penalty ``-beta * E_{y~pi_base} log pi_theta(y|x)`` of the
-    maximin objective, with ``pi_base`` = the chosen responses of the data; it keeps probability on
-    responses the data covers. The published variants differ only in scale; each is one argument away:
+    - ``eta``, Liu et al.'s eta: ``L = L_DPO + eta * beta * sft_loss``. With ``normalization="sum"`` (the
+      default) this is the reparameterised maximin ``max_pi min_r {eta * (E_pi r - E_base r - beta KL) +
+      L_D(r)}`` with ``pi_base`` = the chosen responses: eta = 0 is DPO, and the authors' published
+      eta = 0.005 (beta = 0.01) means exactly this.
+    - ``sft_weight`` ``w``: ``L = L_DPO + w * sft_loss``, the plain coefficient of the OpenRLHF and TRL forms.
+      In the summed form, ``w = eta * beta``.
 
-    =========== ============================================ ============================ =============
-    variant     SFT term                                     arguments                    published
-    =========== ============================================ ============================ =============
-    handbook    ``eta * beta * mean_b(-sum_t log p)``        ``"sum", scale_by_beta=True``  eta 0.005, beta 0.01
-    openrlhf    ``eta * mean_b(-(1/n_b) sum_t log p)``       ``"seq_mean"`` (the default)   eta 0.2, beta 0.5
-    trl         ``eta * (-sum_{b,t} log p / n_tokens)``      ``"token_mean"``               weight 1.0
-    =========== ============================================ ============================ =============
+    The published variants (``RPO_VARIANTS``) differ in more than scale. ``"seq_mean"`` and ``"token_mean"``
+    weight sequences by length differently from ``"sum"`` (a long chosen response counts once per token
+    under ``"sum"``, once in all under ``"seq_mean"``), so they can prefer a different update on the same
+    batch; only the summed, times-beta form is the maximin of the paper:
 
-    ``RPO_VARIANTS[name].kwargs()`` returns the arguments; e.g.
-    ``rpo_loss(..., beta=0.01, eta=0.005, **RPO_VARIANTS["handbook"].kwargs())``.
+    =========== ============================================ ================================= ===================
+    variant     SFT term                                     arguments                         published
+    =========== ============================================ ================================= ===================
+    handbook    ``eta * beta * mean_b(-sum_t log p)``        ``normalization="sum", eta=``     eta 0.005, beta 0.01
+    openrlhf    ``w * mean_b(-(1/n_b) sum_t log p)``         ``"seq_mean", sft_weight=``       w 0.2, beta 0.5
+    trl         ``w * (-sum_{b,t} log p / n_tokens)``        ``"token_mean", sft_weight=``     w 1.0
+    =========== ============================================ ================================= ===================
+
+    ``RPO_VARIANTS[name].kwargs()`` returns a variant's arguments with its published coefficient.
 
     Args:
         policy_chosen_logps ... ref_rejected_logps: (B,) sequence log-probs, as for ``dpo_loss``.
         chosen_token_logps: (B, T) per-token log-probs of the chosen completions under the policy.
         chosen_mask: (B, T) completion mask of the chosen responses.
-        beta: DPO's beta (> 0). eta: weight of the SFT term (>= 0; 0 gives DPO).
+        beta: DPO's beta (> 0). eta / sft_weight: the SFT coefficient (>= 0), exactly one of them.
         token_count: passed to ``sft_loss`` (``"token_mean"`` under gradient accumulation).
     """
-    eta = check_hyperparameter(eta, "eta", hint=" (0 turns RPO into DPO)")
+    if (eta is None) == (sft_weight is None):
+        raise ValueError("rpo_loss needs exactly one of eta (Liu et al.'s, multiplied by beta) and sft_weight "
+                         "(a plain weight on the SFT term); "
+                         + ("both were given." if eta is not None else "neither was given."))
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    beta=beta)
+    if eta is not None:
+        weight = check_hyperparameter(eta, "eta", hint=" (0 turns RPO into DPO)") * beta
+    else:
+        weight = check_hyperparameter(sft_weight, "sft_weight", hint=" (0 turns RPO into DPO)")
     if chosen_token_logps.shape[0] != policy_chosen_logps.shape[0]:
         raise ValueError(
             f"chosen_token_logps has {chosen_token_logps.shape[0]} rows but the batch has "
             f"{policy_chosen_logps.shape[0]} pairs: pass the chosen responses' token log-probs."
         )
     sft = sft_loss(chosen_token_logps, chosen_mask, normalization=normalization, token_count=token_count)
-    weight = eta * (beta if scale_by_beta else 1.0)
-    loss = dpo.loss + weight * sft
+    loss = dpo.loss + weight * sft  # Liu et al. 2024, Algorithm 2 (practical RPO)
     metrics = dict(dpo.metric_tensors)
     metrics.update({"loss/sft": sft.detach(), "loss/sft_weighted": weight * sft.detach()})
     return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
+
+
+def rpo_variant_losses(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    *,
+    beta: float,
+    variants: dict[str, RPOVariant] | None = None,
+) -> dict[str, Tensor]:
+    """Each published RPO form's loss on one batch, with its own normalisation and published coefficient.
+
+    Compare them across candidate updates to see that the forms can prefer different updates (notebook 05).
+    ``variants`` defaults to ``RPO_VARIANTS``; arguments as for ``rpo_loss``.
+    """
+    variants = RPO_VARIANTS if variants is None else variants
+    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_token_logps,
+            chosen_mask)
+    return {name: rpo_loss(*args, beta=beta, **variant.kwargs()).loss for name, variant in variants.items()}
 
 
 def online_kl_loss(

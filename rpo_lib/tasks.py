@@ -542,7 +542,7 @@ LAB_SETTINGS: dict[str, Any] = {
     # Notebook 07's comparison: every method gets the same data, steps, batch, learning rate and beta.
     "learning_rate": 3e-4, "beta": 0.1, "batch_size": 16, "max_steps": 300, "warmup_steps": 10,
     "eval_every": 30,
-    "eta": 1.0,  # RPO, TRL's token-mean normalisation (RPO_VARIANTS["trl"])
+    "sft_weight": 1.0,  # RPO: a plain weight w = 1 on the token-mean SFT term (RPO_VARIANTS["trl"])
     "lam": 0.1,  # HyPO: the summed log-ratios here are a few nats, so lam is larger than the paper's 1e-4
     "k_online": 2, "online_max_new_tokens": 16,
 }

@@ -3,7 +3,7 @@
 ::
 
     from rpo_lib.train import Trainer, preset
-    config = preset("tiny", method="rpo", eta=1.0, max_steps=300)
+    config = preset("tiny", method="rpo", sft_weight=1.0, max_steps=300)
     trainer = Trainer(model, tokenizer, rows, config)        # rows: {"prompt", "chosen", "rejected"}, or chats
     history = trainer.train()                                # resume later with trainer.train(resume=True)
     steps, margins = history.series("rewards/margins")
@@ -95,11 +95,12 @@ class TrainConfig:
     the config is made (type, range, and how fields fit together); an error lists every problem.
     """
 
-    # --- what to optimise (math.md sections 3, 6, 7) -------------------------------------------------
+    # --- what to optimise (docs/math.md sections 3, 6, 7) -------------------------------------------------
     method: Method = "dpo"
     beta: float = 0.1  # KL strength of DPO/RPO/HyPO; IPO's tau (TRL's convention)
-    eta: float = 1.0  # RPO: weight of the SFT term on chosen responses
     rpo_variant: str = "trl"  # RPO's SFT normalisation: a key of rpo_lib.losses.RPO_VARIANTS
+    eta: float | None = None  # RPO: Liu et al.'s eta, SFT term x eta * beta (give this or sft_weight)
+    sft_weight: float | None = None  # RPO: a plain weight w on the SFT term; neither: the variant's published one
     sft_normalization: losses.Normalization = "token_mean"  # method="sft": how the NLL is averaged
     lam: float = 0.05  # HyPO: weight of the online reverse KL
     k_online: int = 2  # HyPO: samples per prompt (RLOO needs >= 2)
@@ -146,11 +147,21 @@ class TrainConfig:
             return self.logp_reduction
         return "mean" if self.method == "ipo" else "sum"
 
+    def rpo_kwargs(self) -> dict:
+        """``rpo_loss``'s normalisation and coefficient: ``eta`` or ``sft_weight`` as set, else the variant's."""
+        variant = losses.RPO_VARIANTS[self.rpo_variant]
+        if self.eta is not None:
+            return {"normalization": variant.normalization, "eta": self.eta}
+        if self.sft_weight is not None:
+            return {"normalization": variant.normalization, "sft_weight": self.sft_weight}
+        return variant.kwargs()
+
 
 # What each field may hold: (kind, bound). Kinds: "real" (finite number), "int", "bool", "choice", "text",
 # "betas"; a trailing "?" allows None. tests/test_train.py checks that every field has a rule.
 _FIELD_RULES: dict[str, tuple[str, Any]] = {
-    "method": ("choice", METHODS), "beta": ("real", "> 0"), "eta": ("real", ">= 0"),
+    "method": ("choice", METHODS), "beta": ("real", "> 0"), "eta": ("real?", ">= 0"),
+    "sft_weight": ("real?", ">= 0"),
     "rpo_variant": ("choice", tuple(losses.RPO_VARIANTS)),
     "sft_normalization": ("choice", ("sum", "seq_mean", "token_mean")), "lam": ("real", ">= 0"),
     "k_online": ("int", ">= 1"), "online_max_new_tokens": ("int", ">= 1"), "online_temperature": ("real", "> 0"),
@@ -208,6 +219,9 @@ def _problems(config: TrainConfig) -> list[str]:
     if config.max_prompt_length is not None and config.max_prompt_length >= config.max_length:
         problems.append(f"max_prompt_length must be below max_length={config.max_length} (a completion needs "
                         f"room); got {config.max_prompt_length}")
+    if config.eta is not None and config.sft_weight is not None:
+        problems.append(f"give RPO's coefficient once: eta={config.eta} (Liu et al.'s, times beta) or "
+                        f"sft_weight={config.sft_weight} (a plain weight), not both")
     if config.method == "hypo":
         if config.k_online < 2:
             problems.append(f"HyPO's RLOO estimate needs k_online >= 2; got {config.k_online}")
@@ -544,11 +558,10 @@ class Trainer:
         if config.method == "ipo":
             out = losses.ipo_loss(*pairs, tau=config.beta)
         elif config.method == "rpo":
-            variant = losses.RPO_VARIANTS[config.rpo_variant]
-            out = losses.rpo_loss(*pairs, token_logps[:b], mask[:b], beta=config.beta, eta=config.eta,
-                                  **variant.kwargs(),
-                                  token_count=token_count * share if variant.normalization == "token_mean" else None)
-        else:  # dpo, and the offline part of hypo (math.md section 7)
+            rpo = config.rpo_kwargs()
+            out = losses.rpo_loss(*pairs, token_logps[:b], mask[:b], beta=config.beta, **rpo,
+                                  token_count=token_count * share if rpo["normalization"] == "token_mean" else None)
+        else:  # dpo, and the offline part of hypo (docs/math.md section 7)
             out = losses.dpo_loss(*pairs, beta=config.beta)
         yield out.loss * share, out.metric_tensors
         if config.method != "hypo":

@@ -237,14 +237,39 @@ def test_maximin_inner_max_is_the_closed_form_and_reparameterisation_gives_dpo_p
     value = world.maximin_objective(best, reward, eta=eta, beta=beta)
     for seed in range(10):
         assert world.maximin_objective(_random_logps(world, seed), reward, eta=eta, beta=beta) <= value
-    # with r = beta log(pi_theta/pi_ref), the max over pi equals eta L_DPO(theta) - beta E_base log pi_theta + const
+    # with r = beta log(pi_theta/pi_ref), the max over pi equals L_DPO(theta) - eta beta E_base log pi_theta + const
+    # (Liu et al.'s convention: eta weights the penalised objective, not L_D)
     theta = _random_logps(world, 5)
     r_theta = beta * (theta - world.ref_logps)
     inner_max = world.maximin_objective(world.optimal_logps(beta, rewards=r_theta), r_theta, eta=eta, beta=beta)
     base = world.chosen_distribution
-    reparameterised = (eta * world.population_loss(theta, beta=beta) - beta * (base * theta).sum()
-                       + beta * (base * world.ref_logps).sum())
+    reparameterised = (world.population_loss(theta, beta=beta) - eta * beta * (base * theta).sum()
+                       + eta * beta * (base * world.ref_logps).sum())
     assert inner_max.item() == pytest.approx(reparameterised.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.005, 0.7, 4.0])
+def test_maximin_on_finite_data_is_rpo_loss_with_the_same_eta(eta):
+    """The published eta goes straight into rpo_loss(eta=...): no reciprocal, no rescaling."""
+    world = bandit.three_response_world(0.05, gold_rewards=(1.0, 0.0, 0.5))
+    beta = 0.5
+    pairs = world.sample_data(300, seed=1)
+    theta = _random_logps(world, 2)
+    counts = torch.zeros(1, 3, dtype=torch.float64)
+    counts[0].index_add_(0, pairs.chosen, torch.ones(len(pairs), dtype=torch.float64))
+    finite = bandit.BanditWorld(world.gold_rewards, world.ref_logps, world.data_probs, world.prompt_probs)
+    r_theta = beta * (theta - world.ref_logps)
+    base = counts / len(pairs)
+    bt_part = losses.dpo_loss(theta[0, pairs.chosen], theta[0, pairs.rejected], world.ref_logps[0, pairs.chosen],
+                              world.ref_logps[0, pairs.rejected], beta=beta).loss
+    pi_r = finite.optimal_logps(beta, rewards=r_theta)
+    gap = ((pi_r.exp() - base) * r_theta).sum()
+    inner_max = eta * (gap - beta * finite.reverse_kl(pi_r)) + bt_part
+    rpo = losses.rpo_loss(theta[0, pairs.chosen], theta[0, pairs.rejected], world.ref_logps[0, pairs.chosen],
+                          world.ref_logps[0, pairs.rejected], theta[0, pairs.chosen][:, None],
+                          torch.ones(len(pairs), 1, dtype=torch.bool), beta=beta, eta=eta)
+    constant = eta * beta * (base * world.ref_logps).sum()
+    assert inner_max.item() == pytest.approx((rpo.loss + constant).item(), abs=1e-9)
 
 
 def test_max_min_equals_min_max_and_the_adversary_floors_the_uncovered_reward():
@@ -278,9 +303,9 @@ def test_eta_trades_protection_against_extrapolation(seed):
         config = replace(bandit.default_config(world, "rpo"), eta=eta)
         return bandit.experiment(world, "rpo", seed, config=config)["gold_reward"][-1]
 
-    flaw = {eta: final_gold("hidden_flaw", eta) for eta in (0.0, 0.01, 1.0)}
-    assert flaw[0.01] > flaw[0.0] + 3 and flaw[1.0] > flaw[0.0] + 3
-    assert final_gold("linear", 1.0) < final_gold("linear", 0.0) - 1
+    flaw = {eta: final_gold("hidden_flaw", eta) for eta in (0.0, 0.1, 10.0)}  # Liu et al.'s eta; SFT weight eta*beta
+    assert flaw[0.1] > flaw[0.0] + 3 and flaw[10.0] > flaw[0.0] + 3
+    assert final_gold("linear", 10.0) < final_gold("linear", 0.0) - 1
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -137,20 +137,59 @@ def test_rpo_is_dpo_plus_the_right_multiple_of_sft(variant):
     values = _pairs()
     tokens = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) - 2.0
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
-    out = rpo_loss(*values, tokens, mask, beta=beta, eta=eta, **spec.kwargs())
+    out = rpo_loss(*values, tokens, mask, beta=beta, **spec.kwargs(eta))
     dpo = dpo_loss(*values, beta=beta).loss
     sft = sft_loss(tokens, mask, normalization=spec.normalization)
     multiple = {"handbook": eta * beta, "openrlhf": eta, "trl": eta}[variant]
+    assert spec.sft_weight(beta, eta) == pytest.approx(multiple)
     assert torch.isclose(out.loss, dpo + multiple * sft, atol=1e-6)
     assert out.metrics["loss/sft"] == pytest.approx(sft.item(), rel=1e-6)
 
 
 def test_rpo_published_variants_are_spelled_out():
-    assert RPO_VARIANTS["handbook"].kwargs() == {"normalization": "sum", "scale_by_beta": True}
-    assert RPO_VARIANTS["openrlhf"].kwargs() == {"normalization": "seq_mean", "scale_by_beta": False}
-    assert RPO_VARIANTS["trl"].kwargs() == {"normalization": "token_mean", "scale_by_beta": False}
-    assert (RPO_VARIANTS["handbook"].eta, RPO_VARIANTS["handbook"].beta) == (0.005, 0.01)
-    assert (RPO_VARIANTS["openrlhf"].eta, RPO_VARIANTS["openrlhf"].beta) == (0.2, 0.5)
+    assert RPO_VARIANTS["handbook"].kwargs() == {"normalization": "sum", "eta": 0.005}
+    assert RPO_VARIANTS["openrlhf"].kwargs() == {"normalization": "seq_mean", "sft_weight": 0.2}
+    assert RPO_VARIANTS["trl"].kwargs(0.5) == {"normalization": "token_mean", "sft_weight": 0.5}
+    assert RPO_VARIANTS["handbook"].beta == 0.01 and RPO_VARIANTS["openrlhf"].beta == 0.5
+    # the published handbook numbers give an SFT weight of 5e-5 per summed token log-prob, not 0.005 / 0.01
+    assert RPO_VARIANTS["handbook"].sft_weight(0.01) == pytest.approx(5e-5)
+
+
+def test_rpo_needs_exactly_one_coefficient():
+    values = _pairs()
+    tokens, mask = torch.zeros(4, 2), torch.ones(4, 2)
+    with pytest.raises(ValueError, match="exactly one of eta.*neither"):
+        rpo_loss(*values, tokens, mask, beta=0.1)
+    with pytest.raises(ValueError, match="exactly one of eta.*both"):
+        rpo_loss(*values, tokens, mask, beta=0.1, eta=1.0, sft_weight=0.1)
+    same = [rpo_loss(*values, tokens - 1, mask, beta=0.2, **kw).loss for kw in ({"eta": 0.5}, {"sft_weight": 0.1})]
+    assert torch.isclose(*same)
+
+
+def test_rpo_variants_can_rank_two_updates_differently():
+    """Not only a scale: per-sequence means re-weight sequences by length (docs/math.md section 6)."""
+    from rpo_lib.losses import rpo_variant_losses
+    lengths = torch.tensor([2, 20])  # a short and a long chosen response
+    mask = torch.arange(20)[None, :] < lengths[:, None]  # (2, 20)
+    ref_chosen = -2.0 * lengths.double()  # every chosen token at log-prob -2 under pi_ref
+    ref_rejected = ref_chosen - 1.0
+
+    def update(short_shift, long_shift, rejected_shift):  # shifts per token of each chosen response
+        tokens = torch.full((2, 20), -2.0, dtype=torch.float64)
+        tokens[0] += short_shift
+        tokens[1] += long_shift
+        chosen = (tokens * mask).sum(1)
+        return chosen, ref_rejected + rejected_shift, ref_chosen, ref_rejected, tokens, mask
+
+    updates = {"push rejected down": update(-0.3, -0.1, -2.0), "raise the long chosen": update(0, 0.06, 0),
+               "raise the short chosen": update(0.5, 0, 0)}
+    table = {name: rpo_variant_losses(*batch, beta=0.5) for name, batch in updates.items()}
+    picks = {variant: min(table, key=lambda name: table[name][variant].item()) for variant in RPO_VARIANTS}
+    assert picks == {"handbook": "push rejected down", "trl": "raise the long chosen",
+                     "openrlhf": "raise the short chosen"}
+    for variant in RPO_VARIANTS:  # each pick wins by a margin far above float error
+        values = sorted(table[name][variant].item() for name in updates)
+        assert values[1] - values[0] > 5e-3
 
 
 def test_rpo_with_zero_eta_is_dpo_and_sft_keeps_chosen_up():

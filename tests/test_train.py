@@ -154,7 +154,7 @@ def test_every_field_has_a_validation_rule():
 NAN, INF = float("nan"), float("inf")
 BAD_VALUES = [
     ("max_grad_norm", -1.0), ("max_grad_norm", 0.0), ("max_grad_norm", NAN),  # -1 would be gradient ascent
-    ("beta", NAN), ("beta", INF), ("beta", 0.0), ("eta", NAN), ("eta", -0.1), ("lam", INF), ("lam", NAN),
+    ("beta", NAN), ("beta", INF), ("beta", 0.0), ("eta", NAN), ("eta", -0.1), ("sft_weight", -1.0), ("lam", INF), ("lam", NAN),
     ("learning_rate", NAN), ("learning_rate", INF), ("weight_decay", NAN), ("weight_decay", -1.0),
     ("online_temperature", 0.0), ("online_temperature", -1.0), ("online_temperature", NAN),
     ("batch_size", 2.5), ("batch_size", 0), ("batch_size", True), ("batch_size", "16"),
@@ -182,6 +182,15 @@ def test_relations_between_fields_are_checked():
         TrainConfig(method="hypo", online_temperature=0.7)  # the online KL would be biased
     TrainConfig(method="dpo", online_temperature=0.7)  # sampling temperature is free for the other methods
     assert TrainConfig(eta=1, beta=1, max_grad_norm=None, micro_batch_size=None).eta == 1  # ints for reals
+
+
+def test_rpo_coefficient_is_eta_or_sft_weight_never_both():
+    with pytest.raises(ValueError, match="give RPO's coefficient once"):
+        TrainConfig(method="rpo", eta=0.005, sft_weight=1.0)
+    assert TrainConfig(method="rpo", rpo_variant="handbook").rpo_kwargs() == {"normalization": "sum", "eta": 0.005}
+    assert TrainConfig(method="rpo", rpo_variant="handbook", eta=0.5).rpo_kwargs()["eta"] == 0.5
+    assert TrainConfig(method="rpo", sft_weight=0.3).rpo_kwargs() == {"normalization": "token_mean", "sft_weight": 0.3}
+    assert preset("qlora_7b").rpo_kwargs() == {"normalization": "sum", "eta": 0.005}
 
 
 def test_ipo_uses_mean_token_log_probs_by_default():
@@ -231,7 +240,7 @@ def test_matches_trl_dpo_trainer(pairs, tmp_path, loss_type, weights, method):
     their_loss.backward()
     their_grads = [p.grad.clone() for p in policy.parameters()]
 
-    ours = Trainer(policy, tokenizer, rows, _config(method=method, beta=0.1, eta=0.7, rpo_variant="trl"),
+    ours = Trainer(policy, tokenizer, rows, _config(method=method, beta=0.1, sft_weight=0.7, rpo_variant="trl"),
                    ref_model=model)
     policy.zero_grad()
     our_loss, _ = ours.batch_loss()
