@@ -190,3 +190,46 @@ def test_make_lab_keeps_allow_root_with_lab_args():
     command = next(line for line in printed.splitlines() if "jupyter lab" in line)
     assert "--no-browser --port 8899" in command
     assert ("--allow-root" in command) == (os.geteuid() == 0)
+
+
+# ------------------------------------------------------------------ the math reference ships with the project
+def _math_sections() -> set[int]:
+    import re
+
+    text = (ROOT / "docs" / "math.md").read_text()
+    return {int(n) for n in re.findall(r"^## (\d+)\.", text, flags=re.M)}
+
+
+def _math_citations() -> list[tuple[str, int]]:
+    """Every section number cited next to 'math.md' in the library, notebooks, README, scripts and tests."""
+    import re
+
+    sources = [*ROOT.glob("rpo_lib/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "README.md",
+               *ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.py")]
+    found = []
+    for path in sources:
+        text = path.read_text()
+        for match in re.finditer(r"math\.md", text):
+            tail = re.split(r"[)\n:;*]", text[match.end():match.end() + 70])[0]
+            tail = re.sub(r"\(this repository\)", "", tail)
+            if not re.match(r"[`\s]*(sections?|§|\d)", tail):
+                continue
+            for first, last in re.findall(r"(\d+)(?:\s*-\s*(\d+))?", tail):
+                for section in range(int(first), int(last or first) + 1):
+                    found.append((f"{path.relative_to(ROOT)}: math.md{tail}", section))
+    return found
+
+
+def test_every_math_md_citation_resolves_inside_the_repository():
+    sections = _math_sections()
+    assert set(range(0, 13)) <= sections
+    citations = _math_citations()
+    assert len(citations) > 40  # the parser finds the citations it is meant to check
+    unresolved = [where for where, section in citations if section not in sections]
+    assert not unresolved, unresolved
+
+
+def test_nothing_points_outside_the_repository_for_the_math():
+    sources = [*ROOT.glob("rpo_lib/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "README.md"]
+    outside = [str(p.relative_to(ROOT)) for p in sources if "../shared" in p.read_text()]
+    assert not outside
