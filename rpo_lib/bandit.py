@@ -50,12 +50,15 @@ __all__ = [
     "default_config",
     "experiment",
     "extrapolation_experiment",
+    "finite_sample_experiment",
     "fit_reward_model",
+    "fit_rpo",
     "hidden_flaw_world",
     "kl_gradient_estimates",
     "linear_world",
     "make_policy",
     "prop41_policy",
+    "rare_data_world",
     "solve_max_min",
     "solve_min_max",
     "tabular_world",
@@ -318,6 +321,24 @@ def hidden_flaw_world(seed: int = 0, *, n_responses: int = 100, dim: int = 16, n
     )
 
 
+def rare_data_world(seed: int = 0, *, n_responses: int = 20, reward_range: float = 3.0,
+                    decay: float = 0.8) -> BanditWorld:
+    """Every response covered, some rarely: the setting of Liu et al.'s finite-sample guarantee (section 5).
+
+    ``r* ~ Unif(-reward_range, reward_range)`` (bounded, so preferences stay random), pi_ref uniform, and the data
+    show response i with probability proportional to ``decay**i`` in a random order: with few pairs, the rare
+    responses' rewards are poorly estimated, which is where pessimism pays; with many, every reward is known.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rewards = (torch.rand(n_responses, generator=generator, dtype=torch.float64) * 2 - 1) * reward_range
+    data_probs = (decay ** torch.arange(n_responses, dtype=torch.float64))[torch.randperm(n_responses,
+                                                                                         generator=generator)]
+    return BanditWorld(
+        gold_rewards=rewards[None], ref_logps=_uniform_ref(1, n_responses), data_probs=data_probs[None],
+        prompt_probs=torch.ones(1, dtype=torch.float64), name="rare_data",
+    )
+
+
 def three_response_world(eps: float, *, gold_rewards: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> BanditWorld:
     """The construction of Song et al. Prop. 4.1 (docs/math.md 5): no prompt, ``Y = {y1, y2, y3}``.
 
@@ -347,7 +368,8 @@ def prop41_policy(world: BanditWorld, beta: float, y3_mass: float) -> Tensor:
 
 
 WORLDS: dict[str, Callable[[int], BanditWorld]] = {
-    "linear": linear_world, "tabular": tabular_world, "hidden_flaw": hidden_flaw_world}
+    "linear": linear_world, "tabular": tabular_world, "hidden_flaw": hidden_flaw_world,
+    "rare_data": rare_data_world}
 
 
 # --------------------------------------------------------------------------------------------- policies
@@ -686,6 +708,55 @@ def extrapolation_experiment(method: Method, function_approximation: bool, seed:
     runs in a few seconds on a laptop CPU.
     """
     return experiment("linear" if function_approximation else "tabular", method, seed, steps)
+
+
+def fit_rpo(world: BanditWorld, data: bt.Comparisons, *, eta: float, beta: float, steps: int = 400,
+            lr: float = 0.1) -> Tensor:
+    """RPO on the whole of ``data`` at once (full-batch Adam on a tabular policy): ``L_DPO + eta*beta*SFT``.
+
+    ``eta`` is Liu et al.'s (0 is DPO). Returns the final (X, Y) log-probabilities. With eta = 0 and a
+    response that won every comparison, DPO's loss has no minimiser; ``steps`` is then an early stop, the
+    same for every eta.
+    """
+    policy = TabularPolicy(world)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    ref = world.ref_logps
+    x, chosen, rejected = data.prompt, data.chosen, data.rejected
+    every_row = torch.ones(len(data), 1, dtype=torch.bool)
+    for _ in range(steps):
+        logps = policy()
+        loss = losses.rpo_loss(logps[x, chosen], logps[x, rejected], ref[x, chosen], ref[x, rejected],
+                               logps[x, chosen].unsqueeze(1), every_row, beta=beta, eta=eta).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return policy().detach()
+
+
+def finite_sample_experiment(n_pairs: Iterable[int], eta_rules: dict[str, Callable[[int], float]], *,
+                             seeds: Iterable[int] = (0, 1, 2), beta: float = 0.5, steps: int = 400,
+                             progress: bool = False) -> dict[str, np.ndarray]:
+    """Liu et al. section 5 on ``rare_data_world``: the suboptimality ``J(pi*) - J(pi_hat)`` of RPO against N.
+
+    ``eta_rules`` maps a label to ``eta(N)``, e.g. ``{"DPO": lambda n: 0.0, "fixed": lambda n: 0.3,
+    "3/sqrt(N)": lambda n: 3 / n ** 0.5}``. For each seed (one world and one data draw per seed and N) and each N,
+    every rule is fitted with ``fit_rpo``. Returns ``{"n_pairs": (K,), label: (S, K) gaps}``.
+    """
+    n_pairs, seeds = list(n_pairs), list(seeds)
+    gaps = {label: np.zeros((len(seeds), len(n_pairs))) for label in eta_rules}
+    cells = [(i, seed, j, n) for i, seed in enumerate(seeds) for j, n in enumerate(n_pairs)]
+    if progress:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        cells = tqdm(cells, desc="worlds x N", leave=False)
+    for i, seed, j, n in cells:
+        world = rare_data_world(seed)
+        data = world.sample_data(n, seed=1000 * seed + n)
+        best = world.objective(world.optimal_logps(beta), beta)
+        for label, rule in eta_rules.items():
+            logps = fit_rpo(world, data, eta=rule(n), beta=beta, steps=steps)
+            gaps[label][i, j] = float(best - world.objective(logps, beta))
+    return {"n_pairs": np.asarray(n_pairs), **gaps}
 
 
 # ------------------------------------------------------------------------- the online KL estimator, measured

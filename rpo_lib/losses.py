@@ -50,6 +50,7 @@ __all__ = [
     "ipo_loss",
     "online_kl_loss",
     "rpo_loss",
+    "rloo_advantages",
     "rpo_variant_losses",
     "sft_loss",
 ]
@@ -365,6 +366,19 @@ def rpo_variant_losses(
     return {name: rpo_loss(*args, beta=beta, **variant.kwargs()).loss for name, variant in variants.items()}
 
 
+def rloo_advantages(kl_per_sample: Tensor) -> Tensor:
+    """RLOO's factors ``kl_i - mean_{j != i} kl_j`` for (B, k) per-sample kl values, k >= 2 per prompt.
+
+    Each sample's baseline is the mean of the *other* samples of its prompt, so it is independent of the sample
+    and the estimate stays unbiased (Kool et al. 2019; docs/math.md section 7).
+    """
+    k = kl_per_sample.shape[-1]
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt; got k={k}.")
+    leave_one_out = (kl_per_sample.sum(dim=-1, keepdim=True) - kl_per_sample) / (k - 1)  # (B, k)
+    return kl_per_sample - leave_one_out
+
+
 def online_kl_loss(
     sample_logps: Tensor,
     ref_sample_logps: Tensor,
@@ -417,11 +431,7 @@ def online_kl_loss(
     logps = to_float32(sample_logps)
     kl_per_sample = (logps - to_float32(ref_sample_logps)).detach()  # (B, k), sg(kl_i)
     kl = kl_per_sample.mean()
-    if baseline == "rloo":
-        leave_one_out = (kl_per_sample.sum(dim=1, keepdim=True) - kl_per_sample) / (k - 1)  # (B, k)
-        advantage = kl_per_sample - leave_one_out
-    else:
-        advantage = kl_per_sample
+    advantage = rloo_advantages(kl_per_sample) if baseline == "rloo" else kl_per_sample
     surrogate = (advantage * logps).mean()
     loss = surrogate - surrogate.detach() + kl  # value = KL estimate, gradient = REINFORCE estimate
     return loss, kl
