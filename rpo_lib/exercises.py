@@ -76,10 +76,11 @@ def _same(answer, expected, atol: float, rtol: float) -> tuple[bool, str]:
 
 
 def check(exercise_id: str, answer, **context) -> bool:
-    """Compare ``answer`` with the expected answer of ``exercise_id`` (e.g. ``"05.E1"``); print and return the verdict."""
+    """Compare ``answer`` with the expected answer of ``exercise_id`` (e.g. ``"05.E1"``); print, return the verdict."""
     exercise = EXERCISES.get(exercise_id)
     if not isinstance(exercise, Exercise):
-        raise KeyError(f"no answer exercise {exercise_id!r}; known: {sorted(k for k, v in EXERCISES.items() if isinstance(v, Exercise))}")
+        known = sorted(k for k, v in EXERCISES.items() if isinstance(v, Exercise))
+        raise KeyError(f"no answer exercise {exercise_id!r}; known: {known}")
     if answer is None:
         print(f"{exercise_id}: not answered yet. Replace `None` with your answer and run the cell again.")
         return False

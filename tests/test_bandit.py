@@ -328,3 +328,30 @@ def test_tabular_unseen_mass_hypo_stays_near_reference_dpo_and_rpo_lower_it(seed
     assert runs["dpo"]["ood_mass"][-1] < 0.05 and runs["rpo"]["ood_mass"][-1] < 0.1
     assert runs["rpo"]["ood_mass"][10] < runs["dpo"]["ood_mass"][10]  # RPO lowers it faster early on
     assert runs["dpo"]["gold_reward"][-1] > max(runs["rpo"]["gold_reward"][-1], runs["hypo"]["gold_reward"][-1])
+
+
+# ------------------------------------------------------------------ issue 10: new claims, three seeds each
+@pytest.fixture(scope="module")
+def finite_sample_runs():
+    rules = {"fixed": lambda n: 0.3, "shrinking": lambda n: 3 / math.sqrt(n), "dpo": lambda n: 0.0}
+    return bandit.finite_sample_experiment([30, 300, 3000, 30000], rules, seeds=SEEDS)
+
+
+def test_eta_over_sqrt_n_loses_its_pessimism_while_a_fixed_eta_keeps_its_bias(finite_sample_runs):
+    shrinking, fixed = finite_sample_runs["shrinking"], finite_sample_runs["fixed"]
+    assert (np.diff(shrinking, axis=1) < 0).all()          # every seed: the gap to pi* shrinks with N
+    assert (fixed[:, -1] > 2 * shrinking[:, -1]).all()     # every seed: the fixed eta's bias stays
+    assert (fixed[:, -1] > 0.2).all()
+
+
+def test_rloo_baseline_helps_far_from_the_reference_and_hurts_near_it():
+    ref = torch.log_softmax(torch.zeros(1, 8, dtype=torch.float64), dim=-1)
+    for seed in SEEDS:
+        near = torch.randn(1, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.3
+        far = torch.tensor([[0.0, 0.0] + [-8.0] * 6], dtype=torch.float64)
+        ratios = []
+        for logits in (near, far):
+            variance = {b: bandit.kl_gradient_estimates(logits, ref, n_prompts=8000, k=2, baseline=b,
+                                                        seed=seed)[0].var(0).sum().item() for b in ("rloo", "none")}
+            ratios.append(variance["rloo"] / variance["none"])
+        assert ratios[0] > 1.3 and ratios[1] < 0.3

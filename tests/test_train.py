@@ -154,7 +154,8 @@ def test_every_field_has_a_validation_rule():
 NAN, INF = float("nan"), float("inf")
 BAD_VALUES = [
     ("max_grad_norm", -1.0), ("max_grad_norm", 0.0), ("max_grad_norm", NAN),  # -1 would be gradient ascent
-    ("beta", NAN), ("beta", INF), ("beta", 0.0), ("eta", NAN), ("eta", -0.1), ("sft_weight", -1.0), ("lam", INF), ("lam", NAN),
+    ("beta", NAN), ("beta", INF), ("beta", 0.0), ("eta", NAN), ("eta", -0.1), ("sft_weight", -1.0),
+    ("lam", INF), ("lam", NAN),
     ("learning_rate", NAN), ("learning_rate", INF), ("weight_decay", NAN), ("weight_decay", -1.0),
     ("online_temperature", 0.0), ("online_temperature", -1.0), ("online_temperature", NAN),
     ("batch_size", 2.5), ("batch_size", 0), ("batch_size", True), ("batch_size", "16"),
