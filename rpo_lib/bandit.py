@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from rpo_lib import bt, losses
+from rpo_lib.env import one_thread
 from rpo_lib._checks import as_tensor
 
 __all__ = [
@@ -464,6 +465,7 @@ def _optimizer(parameters, config: BanditConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {config.optimizer!r}.")
 
 
+@one_thread
 def fit_reward_model(world: BanditWorld, data: bt.Comparisons, *, l2: float = 1e-4,
                      bound: float | None = None, function_approximation: bool | None = None) -> Tensor:
     """RLHF's first stage: a BT reward model of the same kind as the policy (linear or tabular), (X, Y).
@@ -490,6 +492,7 @@ def _logged_steps(steps: int, n_logged: int) -> list[int]:
     return sorted({int(round(s)) for s in np.linspace(0, steps, max(2, min(n_logged, steps + 1)))})
 
 
+@one_thread
 def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: BanditConfig | None = None, *,
           policy: nn.Module | None = None, preferred_subset: Tensor | None = None,
           progress: bool = False) -> dict[str, np.ndarray]:
@@ -598,6 +601,7 @@ def _project(reward: Tensor, bound: float) -> None:
         reward.clamp_(-bound, bound)
 
 
+@one_thread
 def solve_min_max(world: BanditWorld, *, eta: float, beta: float, reward_bound: float, steps: int = 4000,
                   lr: float = 0.02) -> tuple[float, Tensor, Tensor]:
     """``min_r max_pi maximin_objective`` over rewards in ``[-reward_bound, reward_bound]``.
@@ -619,6 +623,7 @@ def solve_min_max(world: BanditWorld, *, eta: float, beta: float, reward_bound: 
     return float(world.maximin_objective(logps, reward, eta=eta, beta=beta)), reward, logps
 
 
+@one_thread
 def solve_max_min(world: BanditWorld, *, eta: float, beta: float, reward_bound: float, steps: int = 1500,
                   inner_steps: int = 5, final_inner_steps: int = 3000, lr: float = 0.05,
                   progress: bool = False) -> tuple[float, Tensor, Tensor]:
@@ -710,6 +715,7 @@ def extrapolation_experiment(method: Method, function_approximation: bool, seed:
     return experiment("linear" if function_approximation else "tabular", method, seed, steps)
 
 
+@one_thread
 def fit_rpo(world: BanditWorld, data: bt.Comparisons, *, eta: float, beta: float, steps: int = 400,
             lr: float = 0.1) -> Tensor:
     """RPO on the whole of ``data`` at once (full-batch Adam on a tabular policy): ``L_DPO + eta*beta*SFT``.
@@ -733,6 +739,7 @@ def fit_rpo(world: BanditWorld, data: bt.Comparisons, *, eta: float, beta: float
     return policy().detach()
 
 
+@one_thread
 def finite_sample_experiment(n_pairs: Iterable[int], eta_rules: dict[str, Callable[[int], float]], *,
                              seeds: Iterable[int] = (0, 1, 2), beta: float = 0.5, steps: int = 400,
                              progress: bool = False) -> dict[str, np.ndarray]:
@@ -760,6 +767,7 @@ def finite_sample_experiment(n_pairs: Iterable[int], eta_rules: dict[str, Callab
 
 
 # ------------------------------------------------------------------------- the online KL estimator, measured
+@one_thread
 def kl_gradient_estimates(policy_logits: Tensor, ref_logps: Tensor, *, n_prompts: int, k: int = 2,
                           baseline: Literal["rloo", "none"] = "rloo",
                           seed: int = 0) -> tuple[Tensor, Tensor, float]:

@@ -355,3 +355,16 @@ def test_rloo_baseline_helps_far_from_the_reference_and_hurts_near_it():
                                                         seed=seed)[0].var(0).sum().item() for b in ("rloo", "none")}
             ratios.append(variance["rloo"] / variance["none"])
         assert ratios[0] > 1.3 and ratios[1] < 0.3
+
+
+def test_bandit_computations_run_on_one_thread_and_restore_the_setting():
+    from rpo_lib import env
+
+    before = torch.get_num_threads()
+    seen = []
+    with env.single_thread():
+        seen.append(torch.get_num_threads())
+    assert seen == [1] and torch.get_num_threads() == before
+    for function in (bandit.train, bandit.fit_rpo, bandit.finite_sample_experiment, bandit.solve_max_min,
+                     bandit.solve_min_max, bandit.kl_gradient_estimates, bandit.fit_reward_model):
+        assert hasattr(function, "__wrapped__"), function.__name__
