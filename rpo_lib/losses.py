@@ -344,26 +344,19 @@ def rpo_loss(
     return PreferenceLoss(loss, dpo.chosen_rewards, dpo.rejected_rewards, metrics)
 
 
-def rpo_variant_losses(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_token_logps: Tensor,
-    chosen_mask: Tensor,
-    *,
-    beta: float,
-    variants: dict[str, RPOVariant] | None = None,
-) -> dict[str, Tensor]:
+def rpo_variant_losses(*batch: Tensor, beta: float,
+                       variants: dict[str, RPOVariant] | None = None) -> dict[str, Tensor]:
     """Each published RPO form's loss on one batch, with its own normalisation and published coefficient.
 
-    Compare them across candidate updates to see that the forms can prefer different updates (notebook 05).
-    ``variants`` defaults to ``RPO_VARIANTS``; arguments as for ``rpo_loss``.
+    ``batch`` is ``rpo_loss``'s six tensors, in its order (the four (B,) sequence log-probs, the (B, T) chosen token
+    log-probs and their mask). Compare the result across candidate updates to see that the forms can prefer
+    different updates (notebook 05). ``variants`` defaults to ``RPO_VARIANTS``.
     """
+    if len(batch) != 6:
+        raise ValueError(f"pass rpo_loss's six tensors (four sequence log-probs, token log-probs, mask); "
+                         f"got {len(batch)}.")
     variants = RPO_VARIANTS if variants is None else variants
-    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_token_logps,
-            chosen_mask)
-    return {name: rpo_loss(*args, beta=beta, **variant.kwargs()).loss for name, variant in variants.items()}
+    return {name: rpo_loss(*batch, beta=beta, **variant.kwargs()).loss for name, variant in variants.items()}
 
 
 def rloo_advantages(kl_per_sample: Tensor) -> Tensor:
