@@ -16,7 +16,7 @@ every exercise accepts its right answer and rejects wrong ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -44,7 +44,6 @@ class Implementation:
     trials: int = 5
     atol: float = 1e-5
     rtol: float = 1e-5
-    context: dict = field(default_factory=dict)
 
 
 def _as_tensor(value) -> torch.Tensor:

@@ -257,14 +257,13 @@ def test_maximin_on_finite_data_is_rpo_loss_with_the_same_eta(eta):
     theta = _random_logps(world, 2)
     counts = torch.zeros(1, 3, dtype=torch.float64)
     counts[0].index_add_(0, pairs.chosen, torch.ones(len(pairs), dtype=torch.float64))
-    finite = bandit.BanditWorld(world.gold_rewards, world.ref_logps, world.data_probs, world.prompt_probs)
     r_theta = beta * (theta - world.ref_logps)
     base = counts / len(pairs)
     bt_part = losses.dpo_loss(theta[0, pairs.chosen], theta[0, pairs.rejected], world.ref_logps[0, pairs.chosen],
                               world.ref_logps[0, pairs.rejected], beta=beta).loss
-    pi_r = finite.optimal_logps(beta, rewards=r_theta)
+    pi_r = world.optimal_logps(beta, rewards=r_theta)
     gap = ((pi_r.exp() - base) * r_theta).sum()
-    inner_max = eta * (gap - beta * finite.reverse_kl(pi_r)) + bt_part
+    inner_max = eta * (gap - beta * world.reverse_kl(pi_r)) + bt_part
     rpo = losses.rpo_loss(theta[0, pairs.chosen], theta[0, pairs.rejected], world.ref_logps[0, pairs.chosen],
                           world.ref_logps[0, pairs.rejected], theta[0, pairs.chosen][:, None],
                           torch.ones(len(pairs), 1, dtype=torch.bool), beta=beta, eta=eta)
