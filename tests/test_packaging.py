@@ -55,13 +55,13 @@ def test_environment_report_and_requirements(monkeypatch):
 
 
 def test_exercise_check(capsys):
-    assert exercises.check("E1", None, 1.0) is False
+    assert exercises.check("06.E1", None) is False
     assert "not answered yet" in capsys.readouterr().out
-    assert exercises.check("E1", 0.5, 0.7, hint="Use s(r1 - r0).") is False
-    assert "Use s(r1 - r0)" in capsys.readouterr().out
-    assert exercises.check("E1", [0.5, 1.0], [0.5, 1.0 + 1e-9]) is True
-    assert exercises.check("E1", [0.5], [0.5, 1.0]) is False
-    assert exercises.check("E2", "dpo", "dpo") is True
+    assert exercises.check("01.E1", 0.7) is False
+    assert "Hint: P(b preferred)" in capsys.readouterr().out
+    assert exercises.check("06.E1", [-2.0, 2.0 + 1e-12]) is True       # within the stated tolerance
+    assert exercises.check("06.E1", [-2.0]) is False                     # a list of the wrong length
+    assert exercises.check("06.E3", "HyPO") is True
 
 
 def test_math_modules_do_not_import_transformers():
