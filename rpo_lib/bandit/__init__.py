@@ -16,6 +16,8 @@ module                                 what it holds (notebook)
 ``rpo_lib.bandit.training``            ``BanditConfig``, ``train`` (DPO, IPO, RPO, HyPO, RLHF with the losses
                                        of ``rpo_lib.losses``), ``fit_reward_model``, ``fit_rpo``
 ``rpo_lib.bandit.maximin``             RPO's maximin solved both ways: ``solve_min_max``, ``solve_max_min`` (05)
+``rpo_lib.bandit.guarantees``          Song et al.'s guarantees as experiments: Theorems 4.1, 4.2 and D.1,
+                                       Remark 4.2, forward vs reverse KL, KL over epochs (Fig. 1) (04, 06)
 ``rpo_lib.bandit.experiments``         one-call experiments: ``experiment``, ``extrapolation_experiment``,
                                        ``finite_sample_experiment`` (Liu et al. section 5)
 ``rpo_lib.bandit.estimators``          ``kl_gradient_estimates``: HyPO's REINFORCE / RLOO estimator measured (06)
@@ -25,13 +27,23 @@ Shapes: ``(X, Y)`` tables are prompts x responses; ``(X, Y, d)`` features. Every
 KL values of ``log(1/q)`` size stay exact. Formulas: ``docs/math.md`` (this repository) sections 2-8.
 """
 
+from rpo_lib.bandit import guarantees
 from rpo_lib.bandit.estimators import kl_gradient_estimates
 from rpo_lib.bandit.experiments import default_config, experiment, extrapolation_experiment, finite_sample_experiment
 from rpo_lib.bandit.maximin import solve_max_min, solve_min_max
 from rpo_lib.bandit.policies import LinearPolicy, TabularPolicy, make_policy
 from rpo_lib.bandit.training import METHODS, BanditConfig, Method, fit_reward_model, fit_rpo, train
-from rpo_lib.bandit.worlds import (WORLDS, BanditWorld, hidden_flaw_world, linear_world, prop41_policy,
-                                  rare_data_world, tabular_world, three_response_world)
+from rpo_lib.bandit.worlds import (
+    WORLDS,
+    BanditWorld,
+    example61_world,
+    hidden_flaw_world,
+    linear_world,
+    prop41_policy,
+    rare_data_world,
+    tabular_world,
+    three_response_world,
+)
 
 __all__ = [
     "METHODS",
@@ -42,11 +54,13 @@ __all__ = [
     "TabularPolicy",
     "WORLDS",
     "default_config",
+    "example61_world",
     "experiment",
     "extrapolation_experiment",
     "finite_sample_experiment",
     "fit_reward_model",
     "fit_rpo",
+    "guarantees",
     "hidden_flaw_world",
     "kl_gradient_estimates",
     "linear_world",

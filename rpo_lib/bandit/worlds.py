@@ -289,19 +289,20 @@ def rare_data_world(seed: int = 0, *, n_responses: int = 20, reward_range: float
     )
 
 
-def three_response_world(eps: float, *, gold_rewards: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> BanditWorld:
+def three_response_world(q: float, *, gold_rewards: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> BanditWorld:
     """The construction of Song et al. Prop. 4.1 (docs/math.md 5): no prompt, ``Y = {y1, y2, y3}``.
 
-    ``pi_ref = ((1 - eps)/2, (1 - eps)/2, eps)``; the data covers y1 and y2 only, so y3 is seen by pi_ref
-    (mass eps) but never by the data. The gold rewards default to (1, 0, 0).
+    ``pi_ref = ((1 - q)/2, (1 - q)/2, q)``; the data cover y1 and y2 only, so y3 is produced by pi_ref
+    (mass q) but never shown by the data. The gold rewards default to (1, 0, 0). The paper has ``q = 0``
+    (its data distribution is pi_ref); docs/math.md section 5 says why the workbook keeps ``q > 0``.
     """
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1); got {eps}.")
-    ref = torch.tensor([[(1 - eps) / 2, (1 - eps) / 2, eps]], dtype=torch.float64)
+    if not 0 < q < 1:
+        raise ValueError(f"q (the reference mass of y3) must be in (0, 1); got {q}.")
+    ref = torch.tensor([[(1 - q) / 2, (1 - q) / 2, q]], dtype=torch.float64)
     return BanditWorld(
         gold_rewards=torch.tensor([gold_rewards], dtype=torch.float64), ref_logps=ref.log(),
         data_probs=torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64),
-        prompt_probs=torch.ones(1, dtype=torch.float64), name=f"prop4.1 eps={eps:g}",
+        prompt_probs=torch.ones(1, dtype=torch.float64), name=f"prop4.1 q={q:g}",
     )
 
 
@@ -309,12 +310,29 @@ def prop41_policy(world: BanditWorld, beta: float, y3_mass: float) -> Tensor:
     """A member of the DPO minimiser family of Prop. 4.1 in ``three_response_world``: pi*'s y1:y2 ratio (which
     is all the DPO loss sees) and mass ``y3_mass`` on the uncovered y3. Returns (1, 3) log-probabilities."""
     if world.n_responses != 3 or world.n_prompts != 1:
-        raise ValueError("prop41_policy needs the three-response world: use three_response_world(eps).")
+        raise ValueError("prop41_policy needs the three-response world: use three_response_world(q).")
     if not 0 <= y3_mass < 1:
         raise ValueError(f"y3_mass must be in [0, 1); got {y3_mass}.")
     best = world.optimal_logps(beta).exp()[0]
     covered = best[:2] / best[:2].sum() * (1 - y3_mass)
     return torch.cat([covered, covered.new_tensor([y3_mass])]).log()[None]
+
+
+def example61_world(theta_star: tuple[float, float] = (1.0, 10.0)) -> BanditWorld:
+    """Song et al. Example 6.1: three responses with 2-d features, the data show two of them.
+
+    ``phi(y1) = (1, 0)``, ``phi(y2) = (1/2, 1/2)``, ``phi(y3) = (0, 1)``; gold reward ``<theta*, phi>``; pi_ref
+    uniform; the data compare y1 and y2 only. Their features span R^2 (global coverage in the linear sense), yet
+    the only direction the pairs vary is ``phi(y2) - phi(y1) = (-1/2, 1/2)``. Our copy of the paper lost its
+    ``theta*``; the default ``(1, 10)`` (rewards 1, 5.5, 10) makes the unseen y3 the best response.
+    """
+    features = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    gold = features @ torch.tensor(theta_star, dtype=torch.float64)
+    return BanditWorld(
+        gold_rewards=gold[None], ref_logps=_uniform_ref(1, 3),
+        data_probs=torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64),
+        prompt_probs=torch.ones(1, dtype=torch.float64), features=features[None], name="example 6.1",
+    )
 
 
 WORLDS: dict[str, Callable[[int], BanditWorld]] = {
