@@ -3,7 +3,8 @@
 Layout (the math knows nothing of transformers; everything else builds on it):
 
 - ``rpo_lib.bt``        Bradley-Terry preferences: probabilities, sampling, maximum-likelihood rewards.
-- ``rpo_lib.bandit``    exact bandit worlds (tabular and softmax-linear) and DPO/IPO/RLHF/RPO/HyPO on them.
+- ``rpo_lib.bandit``    exact bandit worlds (tabular and softmax-linear), DPO/IPO/RLHF/RPO/HyPO on them, and the
+                        papers' guarantees as experiments (a package: worlds, policies, training, guarantees, ...).
 - ``rpo_lib.coverage``  coverage coefficients: global, KL-ball, linear, and Liu et al.'s partial coverage.
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
@@ -16,6 +17,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
 - ``rpo_lib.plotting``  the workbook's plot style.
+- ``rpo_lib.papers``    the two papers' headline numbers (citations), printed beside the workbook's own.
 
 Submodules are imported on first use, so ``import rpo_lib`` stays fast and does not import transformers.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "exercises", "logprobs", "losses", "models",
-           "plotting", "sample", "tasks", "train"]
+           "papers", "plotting", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:
