@@ -97,7 +97,7 @@ def kl_ball_ratio(ref_mass, radius: float) -> Tensor:
 
 
 def kl_ball_coverage(ref_logps, radius: float, prompt_probs=None) -> float:
-    """``C_eps``: the largest density ratio among policies within reverse KL ``radius`` of pi_ref (Assumption 4.2).
+    """``C_kappa``: the largest density ratio among policies within reverse KL ``radius`` of pi_ref (Assumption 4.2).
 
     Computed per prompt (the ball bounds each prompt's KL), maximised over prompts with ``rho > 0`` and
     over responses: ``max kl_ball_ratio(pi_ref(y|x), radius)``. Always finite for a finite radius, unlike
