@@ -141,3 +141,14 @@ def test_hypo_curbs_kl_growth_over_epochs_song_fig_1():
     assert np.all(np.diff(out["dpo"][:, 2:], axis=1) > 0)  # DPO's KL grows every epoch
     assert np.all(out["hypo"][:, -1] < 0.25 * out["dpo"][:, -1])
     assert np.all(out["hypo_gold"][:, -1] > out["dpo_gold"][:, -1])
+
+
+def test_papers_table_lists_each_papers_results_and_refuses_an_unknown_paper():
+    from rpo_lib import papers
+
+    liu, song = papers.headline_table("Liu"), papers.headline_table("Song")
+    assert "57.8" in liu and "42.2" in liu and "Song" not in liu
+    assert "50.5" in song and "69.0" in song and "Liu" not in song
+    assert len(papers.headline_table().splitlines()) == len(papers.HEADLINE_RESULTS) + 1
+    with pytest.raises(ValueError, match="'Liu', 'Song'"):
+        papers.headline_table("Rafailov")
