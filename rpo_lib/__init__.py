@@ -8,6 +8,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.coverage``  coverage coefficients: global, KL-ball, linear, and Liu et al.'s partial coverage.
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
+- ``rpo_lib.packing``   padding-free batches: sequences packed into rows, block-causal attention, scored in input order.
 - ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download); LoRA adapters.
 - ``rpo_lib.data``      text rows -> checked, tokenized examples -> padded batches; dropped rows are counted.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
@@ -29,7 +30,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "exercises", "logprobs", "losses", "models",
-           "papers", "plotting", "sample", "tasks", "train"]
+           "packing", "papers", "plotting", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:
