@@ -28,6 +28,19 @@ Reduction = Literal["sum", "mean"]
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float32 values = 16 MiB per chunk
 
 
+def _pick(block: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """For float32 logits (n, V) and targets (n,): ``(log_softmax(block)[targets], logsumexp(block))``."""
+    lse = torch.logsumexp(block, dim=-1)
+    return block.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def _pick_backward(block: Tensor, lse: Tensor, targets: Tensor, upstream: Tensor) -> Tensor:
+    """Gradient of ``upstream * log_softmax(block)[targets]`` w.r.t. the float32 logits ``block`` (n, V):
+    ``upstream * (onehot(target) - softmax(block))``, in a new tensor (``block`` may be the caller's logits)."""
+    grad = torch.exp(block - lse[:, None]).mul_(-upstream)
+    return grad.scatter_add_(1, targets[:, None], upstream)
+
+
 class _LabelLogProbs(torch.autograd.Function):
     """``out[b, t] = log_softmax(logits[b, t])[targets[b, t]]`` in float32, chunked (see module doc)."""
 
@@ -40,10 +53,7 @@ class _LabelLogProbs(torch.autograd.Function):
             for start in range(0, length, chunk_rows):
                 stop = min(start + chunk_rows, length)
                 block = logits[b, start:stop].float()  # (n, V): the only float32 logits alive
-                lse = torch.logsumexp(block, dim=-1)
-                picked = block.gather(1, targets[b, start:stop, None]).squeeze(1)
-                out[b, start:stop] = picked - lse
-                log_normaliser[b, start:stop] = lse
+                out[b, start:stop], log_normaliser[b, start:stop] = _pick(block, targets[b, start:stop])
                 del block
         ctx.save_for_backward(logits, targets, log_normaliser)
         ctx.chunk_rows = chunk_rows
@@ -57,11 +67,8 @@ class _LabelLogProbs(torch.autograd.Function):
         for b in range(batch):
             for start in range(0, length, ctx.chunk_rows):
                 stop = min(start + ctx.chunk_rows, length)
-                upstream = grad_out[b, start:stop, None].float()  # (n, 1)
-                # d log_softmax(z)[k] / dz = onehot(k) - softmax(z)
-                block = torch.exp(logits[b, start:stop].float() - log_normaliser[b, start:stop, None])
-                block.mul_(-upstream)
-                block.scatter_add_(1, targets[b, start:stop, None], upstream)
+                block = _pick_backward(logits[b, start:stop].float(), log_normaliser[b, start:stop],
+                                       targets[b, start:stop], grad_out[b, start:stop, None].float())
                 grad_logits[b, start:stop] = block.to(grad_logits.dtype)
                 del block
         return grad_logits, None, None
@@ -188,9 +195,7 @@ class _LinearLabelLogProbs(torch.autograd.Function):
         for start in range(0, states.shape[0], chunk_rows):
             stop = min(start + chunk_rows, states.shape[0])
             block = (states[start:stop] @ weight.T).float()  # (n, V): the only logits alive
-            lse = torch.logsumexp(block, dim=-1)
-            out[start:stop] = block.gather(1, targets[start:stop, None]).squeeze(1) - lse
-            log_normaliser[start:stop] = lse
+            out[start:stop], log_normaliser[start:stop] = _pick(block, targets[start:stop])
             del block
         ctx.save_for_backward(states, weight, targets, log_normaliser)
         ctx.chunk_rows = chunk_rows
@@ -203,10 +208,8 @@ class _LinearLabelLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, states.shape[0], ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, states.shape[0])
-            upstream = grad_out[start:stop, None].float()  # (n, 1)
-            block = torch.exp((states[start:stop] @ weight.T).float() - log_normaliser[start:stop, None])
-            block.mul_(-upstream)
-            block.scatter_add_(1, targets[start:stop, None], upstream)  # d/dlogits of upstream * logp[target]
+            block = _pick_backward((states[start:stop] @ weight.T).float(), log_normaliser[start:stop],
+                                   targets[start:stop], grad_out[start:stop, None].float())
             if grad_states is not None:
                 grad_states[start:stop] = (block.to(weight.dtype) @ weight).to(states.dtype)
             if grad_weight is not None:

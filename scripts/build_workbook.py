@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, CellTimeoutError
+from nbclient.exceptions import CellExecutionError
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,42 +30,16 @@ BUILD = ROOT / "build"
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"
 
 
-WIDGET_TIMEOUT = 120  # seconds: an interact() cell renders once; a longer wait is a lost reply, not work
-
-
-def _is_widget_cell(cell: nbformat.NotebookNode) -> bool:
-    return cell.cell_type == "code" and "widgets.interact" in cell.source
-
-
 def execute(path: Path, timeout: int) -> tuple[nbformat.NotebookNode, float, str | None]:
-    """Run one notebook in its own folder; return it executed, the seconds it took, and an error or None.
-
-    A cell that shows an ipywidget sometimes never receives its execute reply (jupyter/nbclient#312), which used to
-    hang the build on an idle kernel. Widget cells get ``WIDGET_TIMEOUT`` seconds; if one runs out, the kernel is
-    interrupted, the cell is marked, and the run goes on (nbval ignores widget outputs). Every other cell gets
-    ``timeout`` seconds and fails the notebook when it runs out.
-    """
+    """Run one notebook in its own folder; return it executed, the seconds it took, and an error or None."""
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}},
-                            timeout_func=lambda cell: WIDGET_TIMEOUT if _is_widget_cell(cell) else timeout)
+                            resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     error = None
     try:
-        with client.setup_kernel():
-            assert client.kc is not None
-            client.wait_for_reply(client.kc.kernel_info())
-            for index, cell in enumerate(notebook.cells):
-                try:
-                    client.execute_cell(cell, index)
-                except CellTimeoutError:
-                    if not _is_widget_cell(cell):
-                        raise
-                    assert client.km is not None
-                    client.km.interrupt_kernel()
-                    print(f"    cell {index} (a widget) got no reply in {WIDGET_TIMEOUT} s; interrupted, going on",
-                          flush=True)
-    except (CellExecutionError, CellTimeoutError) as failure:
+        client.execute()
+    except CellExecutionError as failure:
         error = str(failure).strip().splitlines()[-1]
     return notebook, time.perf_counter() - start, error
 

@@ -81,8 +81,7 @@ def finite_sample_experiment(n_pairs: Iterable[int], eta_rules: dict[str, Callab
     for i, seed, j, n in cells:
         world = rare_data_world(seed)
         data = world.sample_data(n, seed=1000 * seed + n)
-        best = world.objective(world.optimal_logps(beta), beta)
         for label, rule in eta_rules.items():
             logps = fit_rpo(world, data, eta=rule(n), beta=beta, steps=steps)
-            gaps[label][i, j] = float(best - world.objective(logps, beta))
+            gaps[label][i, j] = float(world.suboptimality(logps, beta))
     return {"n_pairs": np.asarray(n_pairs), **gaps}

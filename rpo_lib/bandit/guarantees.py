@@ -41,18 +41,12 @@ __all__ = [
     "implicit_reward",
     "kl_bounds",
     "reward_error",
-    "suboptimality",
 ]
 
 
 def implicit_reward(world: BanditWorld, logps: Tensor, beta: float) -> Tensor:
     """DPO's implicit reward ``beta * log(pi / pi_ref)`` (X, Y): the reward for which ``pi`` is optimal."""
     return beta * (logps - world.ref_logps)
-
-
-def suboptimality(world: BanditWorld, logps: Tensor, beta: float) -> float:
-    """``J(pi*) - J(pi)`` under the gold reward, exactly (equals ``beta * KL(pi || pi*)``, docs/math.md section 2)."""
-    return float(world.objective(world.optimal_logps(beta), beta) - world.objective(logps, beta))
 
 
 def reward_error(world: BanditWorld, rewards: Tensor, measure: Tensor | None = None) -> tuple[float, float]:
@@ -140,7 +134,7 @@ def guarantee_rows(q: float, *, beta: float = 0.5, reward_bound: float = 1.0,
         reward = implicit_reward(world, logps, beta) if reward is None else reward
         eps, _ = reward_error(world, reward)
         rows.append(GuaranteeRow(
-            method=method, q=q, gap=suboptimality(world, logps, beta), eps=eps, coverage=coefficient,
+            method=method, q=q, gap=float(world.suboptimality(logps, beta)), eps=eps, coverage=coefficient,
             bound=2 * math.sqrt(coefficient * eps), reverse_kl=float(world.reverse_kl(logps)),
             y3_mass=float(logps.exp()[0, 2])))
     return rows
@@ -165,7 +159,7 @@ def global_coverage_experiment(n_pairs: Iterable[int], *, seeds: Iterable[int] =
             data = world.sample_data(n, seed=1000 * seed + n)
             logps = fit_rpo(world, data, eta=0.0, beta=beta, steps=steps)
             eps, _ = reward_error(world, implicit_reward(world, logps, beta))
-            out["gap"][i, j] = suboptimality(world, logps, beta)
+            out["gap"][i, j] = float(world.suboptimality(logps, beta))
             out["eps"][i, j] = eps
             out["bound"][i, j] = 2 * math.sqrt(c_glo * eps)
     return {"n_pairs": np.asarray(n_pairs), **out}
@@ -222,9 +216,8 @@ def epochs_experiment(*, world: str = "hidden_flaw", n_pairs: int = 256, epochs:
     for i, seed, method in runs:
         bandit = WORLDS[world](seed)
         data = bandit.sample_data(n_pairs, seed=seed)
-        run_config = replace(config, steps=epochs * steps_per_epoch, n_logged=epochs * steps_per_epoch + 1, seed=seed)
-        curves = train(bandit, data, method, run_config)  # type: ignore[arg-type]
-        at_epochs = np.searchsorted(curves["step"], np.arange(epochs + 1) * steps_per_epoch)
-        out[method][i] = curves["reverse_kl"][at_epochs]
-        out[method + "_gold"][i] = curves["gold_reward"][at_epochs]
+        run_config = replace(config, steps=epochs * steps_per_epoch, n_logged=epochs + 1, seed=seed)
+        curves = train(bandit, data, method, run_config)  # type: ignore[arg-type]  # logged at every epoch's end
+        out[method][i] = curves["reverse_kl"]
+        out[method + "_gold"][i] = curves["gold_reward"]
     return out

@@ -99,6 +99,10 @@ class BanditWorld:
         rewards = self.gold_rewards if rewards is None else rewards.to(logps.dtype)
         return self._average((logps.exp() * rewards).sum(-1)) - beta * self.reverse_kl(logps)
 
+    def suboptimality(self, logps: Tensor, beta: float) -> Tensor:
+        """``J(pi*) - J(pi)`` under the gold reward, exactly; it equals ``beta * KL(pi || pi*)`` (docs/math.md 2)."""
+        return self.objective(self.optimal_logps(beta), beta) - self.objective(logps, beta)
+
     def optimal_logps(self, beta: float, rewards: Tensor | None = None) -> Tensor:
         """Closed-form maximiser of ``J``: ``pi* ∝ pi_ref exp(r / beta)`` (docs/math.md 2), as (X, Y) log-probs."""
         rewards = self.gold_rewards if rewards is None else rewards.to(self.ref_logps.dtype)
