@@ -31,9 +31,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from rpo_lib.logprobs import DEFAULT_CHUNK_ELEMENTS, Reduction, linear_label_logprobs
+from rpo_lib.logprobs import DEFAULT_CHUNK_ELEMENTS, Reduction, linear_label_logprobs, reduce_token_logprobs
 
-__all__ = ["PackedBatch", "pack_sequences", "packed_completion_logprobs", "padding_fraction"]
+__all__ = ["PackedBatch", "pack_sequences", "packed_completion_logprobs", "packed_token_logprobs", "padding_fraction"]
 
 
 @dataclass(frozen=True)
@@ -148,24 +148,24 @@ def _backbone(model: Any) -> Any:
     return base.model, base.lm_head
 
 
-def packed_completion_logprobs(model: Any, batch: PackedBatch, *, reduction: Reduction = "sum",
-                               attention: Literal["mask", "varlen"] = "mask",
-                               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
-    """Score every packed sequence's completion: ``(sequence_logps (N,), token_counts (N,))`` in input order.
+def packed_token_logprobs(model: Any, batch: PackedBatch, *, attention: Literal["mask", "varlen"] = "mask",
+                          chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """Score every packed sequence's completion tokens: ``(token_logps (N, C), mask (N, C))`` in input order.
+
+    Row ``i`` holds sequence ``i``'s completion log-probs, left-aligned, ``C`` the longest completion; ``mask`` marks
+    the real ones. This is the layout ``rpo_lib.logprobs.completion_logprobs`` returns for padded rows (there with
+    the prompt positions masked out as well), so the losses take either.
 
     ``model`` is a Hugging Face causal LM (a peft wrapper is fine). Its decoder runs once over the packed rows;
     only the completion positions (and their targets) are projected onto the vocabulary, in chunks of at most
     ``chunk_elements`` float32 logits. ``attention="mask"`` passes ``batch.block_causal_mask`` (sdpa, eager;
     CPU or GPU); ``"varlen"`` passes no mask and lets transformers read the boundaries from the restarting
     ``position_ids`` (``sdpa`` under transformers 5.23, tested; ``flash_attention_2`` on a GPU).
-    ``reduction="mean"`` divides by each completion's token count.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}.")
     decoder, lm_head = _backbone(model)
     device = batch.input_ids.device
     if attention == "mask":
-        mask = batch.block_causal_mask(dtype=next(model.parameters()).dtype).to(device)
+        mask = batch.block_causal_mask(dtype=_compute_dtype(model)).to(device)
     elif attention == "varlen":
         mask = None
     else:
@@ -178,14 +178,40 @@ def packed_completion_logprobs(model: Any, batch: PackedBatch, *, reduction: Red
     targets = batch.input_ids[rows, cols + 1]  # (P,)
     owner = batch.sequence_index[rows, cols + 1]  # (P,)
     if getattr(lm_head, "bias", None) is None and isinstance(getattr(lm_head, "weight", None), torch.Tensor):
-        token_logps = linear_label_logprobs(states, lm_head.weight, targets, chunk_elements=chunk_elements)
+        values = linear_label_logprobs(states, lm_head.weight, targets, chunk_elements=chunk_elements)
     else:  # an LM head with a bias or an adapter of its own: project the scored positions, then pick
         logits = lm_head(states)
-        token_logps = (logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1))
-    sums = torch.zeros(batch.n_sequences, dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps)
-    counts = torch.zeros(batch.n_sequences, dtype=torch.long, device=device).index_add(0, owner, torch.ones_like(owner))
+        values = (logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1))
+    n = batch.n_sequences
+    counts = torch.zeros(n, dtype=torch.long, device=device).index_add(0, owner, torch.ones_like(owner))
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"sequences {missing[:5]} have no completion token to score: drop empty completions first "
                          "(rpo_lib.data does and counts them).")
-    return (sums if reduction == "sum" else sums / counts), counts
+    # A sequence's scored positions are contiguous (one row, increasing columns), so its k-th is at first + k.
+    index = torch.arange(owner.shape[0], device=device)
+    first = torch.full((n,), owner.shape[0], dtype=torch.long, device=device).scatter_reduce(
+        0, owner, index, reduce="amin")
+    column = index - first[owner]
+    width = int(counts.max())
+    token_logps = torch.zeros((n, width), dtype=values.dtype, device=device).index_put((owner, column), values)
+    token_mask = torch.arange(width, device=device)[None, :] < counts[:, None]
+    return token_logps, token_mask
+
+
+def _compute_dtype(model: Any) -> torch.dtype:
+    """The dtype activations have: the first floating-point parameter that is not trained (or any)."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in floats if not p.requires_grad]
+    return (frozen or floats)[0].dtype
+
+
+def packed_completion_logprobs(model: Any, batch: PackedBatch, *, reduction: Reduction = "sum",
+                               attention: Literal["mask", "varlen"] = "mask",
+                               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """``(sequence_logps (N,), token_counts (N,))`` in input order: ``packed_token_logprobs`` summed, or averaged
+    over each completion's tokens with ``reduction="mean"``."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}.")
+    token_logps, mask = packed_token_logprobs(model, batch, attention=attention, chunk_elements=chunk_elements)
+    return reduce_token_logprobs(token_logps, mask, reduction=reduction), mask.sum(dim=1)

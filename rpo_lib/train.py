@@ -76,7 +76,9 @@ from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import disable_dropout, find_dropout, keep_4bit_trainable_on_cpu
+from rpo_lib.models import (REF_ADAPTER, disable_dropout, enable_checkpointing, find_dropout,
+                            keep_4bit_trainable_on_cpu)
+from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.sample import Samples, rows_that_fit, sample
 
 __all__ = ["METHODS", "PRESETS", "History", "Method", "TrainConfig", "Trainer", "latest_checkpoint", "preset"]
@@ -118,8 +120,12 @@ class TrainConfig:
     micro_batch_size: int | None = None  # pairs per forward/backward; None = batch_size (no accumulation)
     max_steps: int = 200  # optimizer steps; the data are reshuffled every epoch
     max_length: int = 64  # longest prompt + completion in tokens (longer completions are cut, counted)
-    max_prompt_length: int | None = None  # drop rows (counted) whose prompt is longer
+    max_prompt_length: int | None = None  # longer prompts keep their end (or are dropped), counted
+    prompt_truncation: Literal["keep_end", "drop"] = "keep_end"  # what happens to a prompt over max_prompt_length
     gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+    padding_free: bool = False  # pack sequences into rows (rpo_lib.packing): no compute on padding
+    packing_attention: Literal["mask", "varlen"] = "mask"  # packed rows: block-causal mask, or varlen attention
+    group_by_length: bool = False  # batches of similar lengths (less padding); the batch order stays random
     disable_dropout: bool = True  # turn every dropout off (policy and reference), as TRL does
     seed: int = 0  # data order, online samples and every other random draw
     # --- memory ----------------------------------------------------------------------------------------
@@ -170,6 +176,9 @@ _FIELD_RULES: dict[str, tuple[str, Any]] = {
     "lr_schedule": ("choice", ("constant", "linear", "cosine")), "max_grad_norm": ("real?", "> 0"),
     "batch_size": ("int", ">= 1"), "micro_batch_size": ("int?", ">= 1"), "max_steps": ("int", ">= 1"),
     "max_length": ("int", ">= 2"), "max_prompt_length": ("int?", ">= 1"), "gradient_checkpointing": ("bool", None),
+    "prompt_truncation": ("choice", ("keep_end", "drop")), "padding_free": ("bool", None),
+    "packing_attention": ("choice", ("mask", "varlen")),
+    "group_by_length": ("bool", None),
     "disable_dropout": ("bool", None), "seed": ("int", ">= 0"), "precompute_ref_logps": ("bool", None),
     "precompute_ref_batch_size": ("int?", ">= 1"), "online_sample_rows": ("int?", ">= 1"),
     "eval_every": ("int", ">= 0"), "checkpoint_dir": ("text?", None), "save_every": ("int", ">= 0"),
@@ -249,7 +258,8 @@ PRESETS: dict[str, TrainConfig] = {
 # Settings that may differ on resume: they change how a step is computed or recorded, not what it computes
 # (accumulation is exact, evaluations and checkpoints do not touch training). max_steps may grow: the
 # schedule is then computed for the new length (a note says so).
-RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "precompute_ref_batch_size",
+RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "padding_free", "packing_attention",
+                         "precompute_ref_batch_size",
                          "online_sample_rows", "eval_every", "checkpoint_dir", "save_every", "keep_checkpoints",
                          "progress", "device", "max_steps"})
 _GPU_MEMORY_FOR_SAMPLING = 0.5  # share of the GPU memory left after loading that HyPO's KV cache may take
@@ -309,6 +319,54 @@ def _read_back(values: Mapping[str, Tensor], checks: DeferredChecks | None = Non
     return dict(zip(names, numbers_read[:len(names)], strict=True))
 
 
+def _checkpointing_on(model: Any) -> bool:
+    """Whether activation checkpointing is already on (``load_policy`` turns it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))
+
+
+def _length(example: Any) -> int:
+    """Tokens of an example's longest row (prompt + its longest completion)."""
+    if isinstance(example, SFTExample):
+        return len(example.prompt_ids) + len(example.completion_ids)
+    return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+
+
+def _group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                     batches_per_group: int = 50) -> list[int]:
+    """A random order in which each batch holds examples of similar length (less padding, fuller packed rows).
+
+    The shuffled order is cut into groups of ``batches_per_group`` batches; each group is sorted by length and
+    cut into batches; the batches are then shuffled (the group's longest first, so an out-of-memory shows at
+    once), so that no length is trained in a run of steps. transformers' ``LengthGroupedSampler`` does the same.
+    """
+    group = batch_size * batches_per_group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start:start + group], key=lambda i: -lengths[i])
+        batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
+    full = [b for b in batches if len(b) == batch_size]
+    partial = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    if shuffled:
+        longest = max(range(len(shuffled)), key=lambda i: lengths[shuffled[i][0]])
+        shuffled.insert(0, shuffled.pop(longest))
+    return [i for b in shuffled + partial for i in b]
+
+
+def _compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes in: its frozen floating-point weights' (4-bit layers: their compute dtype)."""
+    from rpo_lib.packing import _compute_dtype as frozen_dtype
+
+    for module in model.modules():
+        compute = getattr(module, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute
+    return frozen_dtype(model)
+
+
 def _rng_state() -> dict[str, Any]:
     """Every random number generator that a step may draw from, as plain data (weights_only-safe)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
@@ -351,12 +409,16 @@ class Trainer:
             ``datasets.Dataset``.
         config: a ``TrainConfig`` (``preset("tiny")`` etc.).
         ref_model: the reference policy, if not the model itself as it is now (see the module docstring).
+        ref_adapter_name: for a PEFT model, the frozen adapter that is ``pi_ref`` (an SFT adapter). Default: the
+            adapter named ``"reference"`` if the model has one (``rpo_lib.models.load_policy(sft_adapter=...)``
+            adds it), else the base model with the adapter disabled.
         evaluate: ``evaluate(trainer) -> {name: float}``, run before training, every ``eval_every`` steps and
             at the end; its metrics go into the history (``rpo_lib.tasks.TopicTask.evaluator`` is one).
     """
 
     def __init__(self, model: Any, tokenizer: Any, rows: Iterable[Mapping[str, Any]], config: TrainConfig, *,
-                 ref_model: Any = None, evaluate: Callable[[Trainer], dict[str, float]] | None = None) -> None:
+                 ref_model: Any = None, evaluate: Callable[[Trainer], dict[str, float]] | None = None,
+                 ref_adapter_name: str | None = None) -> None:
         from rpo_lib.env import device as pick_device
 
         if not isinstance(config, TrainConfig):
@@ -378,7 +440,8 @@ class Trainer:
         tokenize = tokenize_sft if config.method == "sft" else tokenize_preferences
         self.examples: list[Any]
         self.examples, self.report = tokenize(rows, tokenizer, max_length=config.max_length,
-                                              max_prompt_length=config.max_prompt_length)
+                                              max_prompt_length=config.max_prompt_length,
+                                              prompt_truncation=config.prompt_truncation)
         if self.report.n_dropped or self.report.truncated:
             print(f"rpo_lib.train: {self.report}")  # nothing is dropped silently (rpo_lib.data)
         self.data_fingerprint = fingerprint(self.examples)
@@ -386,9 +449,10 @@ class Trainer:
         self.seconds = 0.0
         self.step = 0
         self._ref_logps: Tensor | None = None
+        self.ref_adapter_name = self._ref_adapter(ref_adapter_name)
         self.ref_model = self._reference(ref_model)
-        if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        if config.gradient_checkpointing and not _checkpointing_on(self.model):
+            enable_checkpointing(self.model)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): unfreeze "
@@ -399,6 +463,11 @@ class Trainer:
         self.online_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.online_sample_rows = self._online_rows() if config.method == "hypo" else None
         self._permutation: tuple[int, list[int]] | None = None
+        # A 4-bit or bf16 base with float32 adapters computes under autocast, as TRL with bf16=True does: without
+        # it peft casts each adapted layer's input to float32 and keeps that copy (rpo_lib.memory).
+        self.compute_dtype = _compute_dtype(self.model)
+        self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16) and any(
+            p.dtype == torch.float32 for p in self.parameters)
 
     # ------------------------------------------------------------------------------------------- set-up
     def _place(self, model: Any) -> Any:
@@ -410,6 +479,15 @@ class Trainer:
         if quantized and self.device.type == "cpu":
             keep_4bit_trainable_on_cpu(model)  # bitsandbytes' CPU inference packing has no backward
         return model
+
+    def _ref_adapter(self, name: str | None) -> str | None:
+        adapters = set(getattr(self.model, "peft_config", None) or {})
+        if name is None:
+            return REF_ADAPTER if REF_ADAPTER in adapters and _is_peft(self.model) else None
+        if name not in adapters:
+            raise ValueError(f"ref_adapter_name={name!r}, but the model's adapters are {sorted(adapters) or 'none'}: "
+                             f"load the SFT adapter under that name (rpo_lib.models.load_policy(sft_adapter=...)).")
+        return name
 
     def _reference(self, ref_model: Any) -> Any:
         config = self.config
@@ -438,18 +516,40 @@ class Trainer:
         tokens = config.max_length + config.online_max_new_tokens
         return rows_that_fit(self.model, tokens, _GPU_MEMORY_FOR_SAMPLING * free)
 
-    def _forward(self, model: Any, batch: Mapping[str, Tensor], reduction: Reduction | None = None
+    def _forward(self, model: Any, batch: Mapping[str, Tensor] | PackedBatch, reduction: Reduction | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
-        """``completion_logprobs`` of right-padded rows: (sequence log-probs, token log-probs, mask)."""
-        return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                   reduction=reduction or self.config.reduction)
+        """(sequence log-probs, token log-probs, mask) of right-padded rows or of a ``PackedBatch``."""
+        from rpo_lib.logprobs import reduce_token_logprobs
 
-    def logprobs(self, batch: Mapping[str, Tensor], *, reference: bool = False,
+        reduction = reduction or self.config.reduction
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
+            if isinstance(batch, PackedBatch):
+                token_logps, mask = packed_token_logprobs(model, batch, attention=self.config.packing_attention)
+                return reduce_token_logprobs(token_logps, mask, reduction=reduction), token_logps, mask
+            return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                       reduction=reduction)
+
+    def collate(self, examples: Sequence[Any]) -> dict[str, Tensor] | PackedBatch:
+        """One micro-batch: right-padded rows, or packed rows with ``padding_free`` (chosen rows first, then the
+        rejected rows, for preference examples)."""
+        if isinstance(examples[0], SFTExample):
+            if not self.config.padding_free:
+                return collate_sft(examples, self.pad_token_id)
+            prompts, completions = [e.prompt_ids for e in examples], [e.completion_ids for e in examples]
+        else:
+            if not self.config.padding_free:
+                return collate_preferences(examples, self.pad_token_id)
+            prompts = [e.prompt_ids for e in examples] * 2
+            completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+        row = max(self.config.max_length, max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)))
+        return pack_sequences(prompts, completions, max_row_tokens=row, pad_token_id=self.pad_token_id)
+
+    def logprobs(self, batch: Mapping[str, Tensor] | PackedBatch, *, reference: bool = False,
                  reduction: Reduction | None = None) -> Tensor:
         """Sequence log-probs (N,) of right-padded rows (``input_ids``, ``attention_mask``, ``completion_mask``)
         under the current policy, or under ``pi_ref`` with ``reference=True``; no gradients, eval mode.
         ``reduction`` defaults to the config's (``config.reduction``)."""
-        batch = self._to_device(dict(batch))
+        batch = self._to_device(batch)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -458,6 +558,14 @@ class Trainer:
                     return self._forward(self.model, batch, reduction)[0]
                 if self.ref_model is not None:
                     return self._forward(self.ref_model, batch, reduction)[0]
+                if self.ref_adapter_name is not None:
+                    active = self.model.active_adapter
+                    self.model.set_adapter(self.ref_adapter_name, inference_mode=True)
+                    try:
+                        return self._forward(self.model, batch, reduction)[0]
+                    finally:
+                        self.model.set_adapter(active)
+                        self.model.set_requires_grad(self.ref_adapter_name, requires_grad=False)
                 if _is_peft(self.model):
                     with self.model.disable_adapter():
                         return self._forward(self.model, batch, reduction)[0]
@@ -480,12 +588,14 @@ class Trainer:
         values = []
         with deferred_checks() as checks:
             for start in tqdm(starts, desc="reference log-probs", disable=not config.progress or len(starts) < 2):
-                batch = self._to_device(collate_preferences(self.examples[start:start + size], self.pad_token_id))
+                batch = self._to_device(self.collate(self.examples[start:start + size]))
                 values.append(self.logprobs(batch, reference=True).view(2, -1).T)
             checks.verify()
         self._ref_logps = torch.cat(values).cpu()
 
-    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _to_device(self, batch: Mapping[str, Tensor] | PackedBatch) -> Any:
+        if isinstance(batch, PackedBatch):
+            return batch.to(self.device)
         return {key: value.to(self.device) for key, value in batch.items()}
 
     # ------------------------------------------------------------------------------------- sampling API
@@ -519,7 +629,10 @@ class Trainer:
         epoch, position = divmod(step, math.ceil(n / size))
         if self._permutation is None or self._permutation[0] != epoch:
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._permutation = (epoch, torch.randperm(n, generator=generator).tolist())
+            order = torch.randperm(n, generator=generator).tolist()
+            if self.config.group_by_length:
+                order = _group_by_length(order, [_length(self.examples[i]) for i in range(n)], size, generator)
+            self._permutation = (epoch, order)
         return self._permutation[1][position * size:min(n, (position + 1) * size)]
 
     def _epoch(self, step: int) -> float:
@@ -536,7 +649,7 @@ class Trainer:
         config = self.config
         examples = [self.examples[i] for i in indices]
         if config.method == "sft":
-            batch = self._to_device(collate_sft(examples, self.pad_token_id))
+            batch = self._to_device(self.collate(examples))
             _, token_logps, mask = self._forward(self.model, batch)
             normalization = config.sft_normalization
             loss = losses.sft_loss(token_logps, mask, normalization=normalization,
@@ -544,16 +657,16 @@ class Trainer:
             # Metrics are summed with weight `share`: with token_count, share * loss sums to the batch's mean.
             yield loss * share, {"loss/sft": loss.detach()}
             return
-        batch = self._to_device(collate_preferences(examples, self.pad_token_id))
+        batch = self._to_device(self.collate(examples))
         b = len(examples)
-        logps, token_logps, mask = self._forward(self.model, batch)
-        policy_chosen, policy_rejected = logps[:b], logps[b:]
         if self._ref_logps is not None:
             ref = self._ref_logps[indices].to(self.device)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-        else:
+        else:  # before the policy's forward, so that its working set is gone when the activations are alive
             ref_logps = self.logprobs(batch, reference=True)
             ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
+        logps, token_logps, mask = self._forward(self.model, batch)
+        policy_chosen, policy_rejected = logps[:b], logps[b:]
         pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         if config.method == "ipo":
             out = losses.ipo_loss(*pairs, tau=config.beta)

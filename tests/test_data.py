@@ -72,11 +72,14 @@ def test_pairs_identical_after_truncation_are_dropped(tokenizer):
         tokenize_preferences(rows, tokenizer, max_length=3)
 
 
-def test_max_prompt_length_drops_long_prompts(tokenizer):
+def test_max_prompt_length_cuts_or_drops_long_prompts(tokenizer):
     rows = [{"prompt": "fruit animal:", "chosen": " apple", "rejected": " cat"},
             {"prompt": "fruit:", "chosen": " apple", "rejected": " cat"}]
-    _, report = tokenize_preferences(rows, tokenizer, max_length=64, max_prompt_length=2)
+    _, report = tokenize_preferences(rows, tokenizer, max_length=64, max_prompt_length=2, prompt_truncation="drop")
     assert report.dropped["prompt too long"] == 1 and report.kept == 1
+    examples, report = tokenize_preferences(rows, tokenizer, max_length=64, max_prompt_length=2)
+    assert report.kept == 2 and report.prompts_truncated == 1
+    assert tokenizer.convert_ids_to_tokens(examples[0].prompt_ids) == ["<bos>", "▁animal:"]  # BOS + the end
 
 
 def test_sft_rows(tokenizer):

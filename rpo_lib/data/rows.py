@@ -36,6 +36,9 @@ text and messages mixed in one row        ``ValueError`` naming the row
 an empty prompt, tokenizer without BOS    ``ValueError`` naming the row (give a prompt, or a bos_token)
 empty (or whitespace-only) completion     dropped, counted as ``"empty completion"``
 chosen identical to rejected              dropped, counted as ``"chosen identical to rejected"``
+prompt longer than ``max_prompt_length``  ``prompt_truncation="keep_end"`` (default): its last tokens kept (and
+                                          its first token if that is BOS), counted as ``prompts_truncated``;
+                                          ``"drop"``: dropped, counted as ``"prompt too long"``
 prompt leaves no room for a completion    dropped, counted as ``"prompt too long"``
 completion longer than the room left      cut to ``max_length`` (its EOS is lost), counted as truncated
 every row dropped                         ``ValueError`` with the counts
@@ -48,13 +51,14 @@ import hashlib
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["DataReport", "PreferenceExample", "SFTExample", "collate_preferences", "collate_sft", "fingerprint",
-           "pad_rows", "tokenize_preferences", "tokenize_sft"]
+__all__ = ["PREFERENCE_FIELDS", "SFT_FIELDS", "DataReport", "PreferenceExample", "PromptTruncation", "SFTExample",
+           "check_tokenizer", "collate_preferences", "collate_sft", "fingerprint", "new_report", "pad_rows",
+           "tokenize_preferences", "tokenize_row", "tokenize_sft"]
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "completion")
@@ -69,6 +73,7 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     what: str = "rows"
+    prompts_truncated: int = 0
 
     @property
     def n_dropped(self) -> int:
@@ -81,6 +86,8 @@ class DataReport:
             text += "; dropped " + ", ".join(reasons)
         if self.truncated:
             text += f"; {self.truncated} truncated to max_length"
+        if self.prompts_truncated:
+            text += f"; {self.prompts_truncated} prompts cut to max_prompt_length (their end kept)"
         return text + "."
 
 
@@ -202,16 +209,9 @@ def _split(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], lis
             _encode_chat(tokenizer, prompt + completion, generation_prompt=False))
 
 
-def _check_tokenizer(tokenizer: Any) -> None:
+def check_tokenizer(tokenizer: Any) -> None:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: set tokenizer.eos_token so that completions can end.")
-
-
-def _room(prompt_ids: list[int], max_length: int, max_prompt_length: int | None) -> int:
-    """Completion tokens that fit after the prompt (<= 0: the prompt is too long)."""
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        return 0
-    return max_length - len(prompt_ids)
 
 
 def _is_empty(completion: Any) -> bool:
@@ -220,57 +220,103 @@ def _is_empty(completion: Any) -> bool:
     return not any(message["content"].strip() for message in completion)
 
 
-def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion_fields: tuple[str, ...], *,
-                   max_length: int, max_prompt_length: int | None, what: str
-                   ) -> tuple[list[tuple[list[int], list[list[int]]]], DataReport]:
-    """The rules of the module docstring for rows with one (SFT) or two (preference) completions.
+PromptTruncation = Literal["keep_end", "drop"]
+KEPT, TRUNCATED, PROMPT_TRUNCATED = "kept", "truncated", "prompt truncated"
 
-    Returns ``[(prompt_ids, [completion_ids, ...])]`` and the report.
-    """
-    _check_tokenizer(tokenizer)
+
+def tokenize_row(row: Mapping[str, Any], index: int, tokenizer: Any, completion_fields: tuple[str, ...], *,
+                 max_length: int, max_prompt_length: int | None,
+                 prompt_truncation: PromptTruncation = "keep_end") -> tuple[str, list[int], list[list[int]]]:
+    """The rules of the module docstring for one row: ``(outcome, prompt_ids, [completion_ids, ...])``.
+
+    ``outcome`` is ``"kept"``, ``"truncated"`` (a completion was cut), ``"prompt truncated"`` or a reason for
+    dropping the row (a key of ``DataReport.dropped``; the ids are then empty). ``tokenize_preferences`` and
+    ``rpo_lib.data.sources.tokenize_dataset`` (through ``datasets.map``) both call it."""
     paired = len(completion_fields) == 2
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    kept: list[tuple[list[int], list[list[int]]]] = []
+    prompt, texts = _row_parts(row, index, completion_fields)
+    if any(_is_empty(text) for text in texts):
+        return "empty completion", [], []
+    if paired and texts[0] == texts[1]:
+        return "chosen identical to rejected", [], []
+    splits = [_split(tokenizer, prompt, text) for text in texts]
+    # The completion starts where prompt and prompt + completion first differ; the prompt kept is the part every
+    # completion shares (a merge across the boundary can differ between completions).
+    cut = min(_common_prefix(prompt_ids, full_ids) for prompt_ids, full_ids in splits)
+    prompt_ids = splits[0][0][:cut]
+    completions = [full_ids[cut:] for _, full_ids in splits]
+    if not prompt_ids:  # nothing before the completion: its first token would never be scored
+        if bos is None:
+            raise ValueError(f"row {index} has an empty prompt and the tokenizer has no BOS token, so the "
+                             f"completion's first token could not be scored: give the row a prompt, or set "
+                             f"tokenizer.bos_token (GPT-2-style models use the EOS token).")
+        prompt_ids = [bos]
+    if isinstance(prompt, str):  # text rows end with EOS (once); a template ends its turns itself
+        completions = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completions]
+    outcome = KEPT
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        if prompt_truncation == "drop":
+            return "prompt too long", [], []
+        head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(head)):]
+        outcome = PROMPT_TRUNCATED
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        return "prompt too long", [], []
+    if any(len(ids) > room for ids in completions):
+        completions = [ids[:room] for ids in completions]
+        if paired and completions[0] == completions[1]:
+            return "chosen identical to rejected", [], []
+        outcome = TRUNCATED if outcome == KEPT else outcome + "+" + TRUNCATED
+    return outcome, prompt_ids, completions
+
+
+def new_report(rows_in: int, completion_fields: tuple[str, ...], outcomes: Iterable[str], what: str) -> DataReport:
+    """Count the outcomes of ``tokenize_row`` into a ``DataReport``."""
+    paired = len(completion_fields) == 2
     dropped = {"empty completion": 0, **({"chosen identical to rejected": 0} if paired else {}), "prompt too long": 0}
-    truncated = n = 0
-    for n, row in enumerate(rows, start=1):
-        prompt, texts = _row_parts(row, n - 1, completion_fields)
-        if any(_is_empty(text) for text in texts):
-            dropped["empty completion"] += 1
+    kept = truncated = prompts_truncated = 0
+    for outcome in outcomes:
+        if outcome in dropped:
+            dropped[outcome] += 1
             continue
-        if paired and texts[0] == texts[1]:
-            dropped["chosen identical to rejected"] += 1
-            continue
-        splits = [_split(tokenizer, prompt, text) for text in texts]
-        # The completion starts where prompt and prompt + completion first differ; the prompt kept is the part
-        # every completion shares (a merge across the boundary can differ between completions).
-        cut = min(_common_prefix(prompt_ids, full_ids) for prompt_ids, full_ids in splits)
-        prompt_ids = splits[0][0][:cut]
-        completions = [full_ids[cut:] for _, full_ids in splits]
-        if not prompt_ids:  # nothing before the completion: its first token would never be scored
-            if bos is None:
-                raise ValueError(f"row {n - 1} has an empty prompt and the tokenizer has no BOS token, so the "
-                                 f"completion's first token could not be scored: give the row a prompt, or set "
-                                 f"tokenizer.bos_token (GPT-2-style models use the EOS token).")
-            prompt_ids = [bos]
-        if isinstance(prompt, str):  # text rows end with EOS (once); a template ends its turns itself
-            completions = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completions]
-        room = _room(prompt_ids, max_length, max_prompt_length)
-        if room <= 0:
-            dropped["prompt too long"] += 1
-            continue
-        if any(len(ids) > room for ids in completions):
-            completions = [ids[:room] for ids in completions]
-            if paired and completions[0] == completions[1]:
-                dropped["chosen identical to rejected"] += 1
-                continue
-            truncated += 1
-        kept.append((prompt_ids, completions))
-    report = DataReport(rows_in=n, kept=len(kept), dropped=dropped, truncated=truncated, what=what)
+        kept += 1
+        truncated += TRUNCATED in outcome
+        prompts_truncated += PROMPT_TRUNCATED in outcome
+    return DataReport(rows_in=rows_in, kept=kept, dropped=dropped, truncated=truncated, what=what,
+                      prompts_truncated=prompts_truncated)
+
+
+def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion_fields: tuple[str, ...], *,
+                   max_length: int, max_prompt_length: int | None, what: str,
+                   prompt_truncation: PromptTruncation = "keep_end"
+                   ) -> tuple[list[tuple[list[int], list[list[int]]]], DataReport]:
+    """``tokenize_row`` over every row: ``[(prompt_ids, [completion_ids, ...])]`` of the kept ones, and the report."""
+    check_tokenizer(tokenizer)
+    kept: list[tuple[list[int], list[list[int]]]] = []
+    outcomes = []
+    for index, row in enumerate(rows):
+        outcome, prompt_ids, completions = tokenize_row(row, index, tokenizer, completion_fields,
+                                                        max_length=max_length, max_prompt_length=max_prompt_length,
+                                                        prompt_truncation=prompt_truncation)
+        outcomes.append(outcome)
+        if prompt_ids:
+            kept.append((prompt_ids, completions))
+    report = new_report(len(outcomes), completion_fields, outcomes, what)
     if not kept:
-        kind = "preference rows" if paired else "SFT rows"
+        kind = "preference rows" if len(completion_fields) == 2 else "SFT rows"
         raise ValueError(f"no usable {kind}: {report} Check max_length and the data.")
     return kept, report
+
+
+def _pretokenized(rows: Any, names: tuple[str, ...], kind: type) -> tuple[list[Any], DataReport] | None:
+    """Examples from a dataset that ``rpo_lib.data.tokenize_dataset`` made (columns ``<field>_ids``), else None."""
+    columns = getattr(rows, "column_names", None)
+    if not columns or not all(f"{name}_ids" in columns for name in names):
+        return None
+    data = rows.select_columns([f"{name}_ids" for name in names]).with_format(None)
+    examples = [kind(*(list(row[f"{name}_ids"]) for name in names)) for row in data]
+    return examples, DataReport(rows_in=len(examples), kept=len(examples), what="pairs" if len(names) == 3 else "rows")
 
 
 def tokenize_preferences(
@@ -279,10 +325,15 @@ def tokenize_preferences(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    prompt_truncation: PromptTruncation = "keep_end",
 ) -> tuple[list[PreferenceExample], DataReport]:
     """Check and tokenize preference rows (see the module docstring for what happens to bad ones)."""
+    pretokenized = _pretokenized(rows, PREFERENCE_FIELDS, PreferenceExample)
+    if pretokenized is not None:
+        return pretokenized
     kept, report = _tokenize_rows(rows, tokenizer, PREFERENCE_FIELDS[1:], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, what="pairs")
+                                  max_prompt_length=max_prompt_length, what="pairs",
+                                  prompt_truncation=prompt_truncation)
     return [PreferenceExample(prompt, chosen, rejected) for prompt, (chosen, rejected) in kept], report
 
 
@@ -292,10 +343,15 @@ def tokenize_sft(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
+    prompt_truncation: PromptTruncation = "keep_end",
 ) -> tuple[list[SFTExample], DataReport]:
     """Check and tokenize SFT rows ``{"prompt", "completion"}`` (same rules as for preferences)."""
+    pretokenized = _pretokenized(rows, SFT_FIELDS, SFTExample)
+    if pretokenized is not None:
+        return pretokenized
     kept, report = _tokenize_rows(rows, tokenizer, SFT_FIELDS[1:], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, what="rows")
+                                  max_prompt_length=max_prompt_length, what="rows",
+                                  prompt_truncation=prompt_truncation)
     return [SFTExample(prompt, completion) for prompt, (completion,) in kept], report
 
 

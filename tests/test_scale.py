@@ -1,0 +1,258 @@
+"""One GPU at scale, tested on a CPU: load_policy, the memory planner, dataset schemas, padding-free training."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from rpo_lib import memory
+from rpo_lib.data import (SCHEMAS, load_preferences, parse_hh, sample_file, tokenize_dataset, tokenize_preferences)
+from rpo_lib.models import REF_ADAPTER, LoraSettings, TinyLMConfig, load_policy, tiny_checkpoint, with_lora
+from rpo_lib.train import Trainer, preset
+
+
+def _sample_texts():
+    texts = []
+    for name in SCHEMAS:
+        for row in load_preferences(sample_file(name)):
+            for key in ("prompt", "chosen", "rejected"):
+                value = row[key]
+                texts.append(value if isinstance(value, str) else " ".join(m["content"] for m in value))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model directory as the hub has them, with a tokenizer trained on the sample files."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", _sample_texts())
+
+
+# ------------------------------------------------------------------------------------------------ data
+EXPECTED_FIRST_CHOSEN = {
+    "ultrafeedback": "Lower the egg into water",
+    "dpo-mix": "Lower the egg into water",
+    "hh-rlhf": "Lower the egg into water",
+    "tldr": " Thin pot plus high heat",
+    "preference": " Lower the egg into water",
+}
+
+
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_every_schema_sample_loads_into_prompt_chosen_rejected(schema):
+    rows = load_preferences(sample_file(schema))
+    assert set(rows.column_names) == {"prompt", "chosen", "rejected"} and len(rows) >= 4
+    first = rows[0]
+    chosen = first["chosen"] if isinstance(first["chosen"], str) else first["chosen"][-1]["content"]
+    assert chosen.startswith(EXPECTED_FIRST_CHOSEN[schema])
+    if not isinstance(first["prompt"], str):  # conversations: the prompt ends with the user's turn
+        assert first["prompt"][-1]["role"] == "user" and first["chosen"][0]["role"] == "assistant"
+
+
+def test_schema_is_detected_from_the_columns_and_can_be_forced():
+    raw = [json.loads(line) for line in sample_file("tldr").read_text().splitlines()]
+    assert raw[1]["choice"] == 1  # the better summary is second in this row: the adapter must follow `choice`
+    rows = load_preferences(sample_file("tldr"))
+    assert rows[1]["chosen"].strip() == raw[1]["summaries"][1]["text"]
+    assert rows[0]["prompt"].startswith("SUBREDDIT: r/cooking\nTITLE:") and rows[0]["prompt"].endswith("TL;DR:")
+    with pytest.raises(ValueError, match="lists of messages"):
+        load_preferences(sample_file("preference"), schema="ultrafeedback")
+
+
+def test_hh_text_is_parsed_into_turns():
+    text = "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 4."
+    assert parse_hh(text) == [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    with pytest.raises(ValueError, match="HH-RLHF"):
+        parse_hh("Hi there")
+
+
+def test_unreachable_hub_id_says_to_use_a_local_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="local file in the same schema"):
+        load_preferences("HuggingFaceH4/ultrafeedback_binarized")
+
+
+@pytest.mark.parametrize("schema", ["ultrafeedback", "hh-rlhf", "tldr"])
+def test_datasets_map_gives_the_tokens_of_the_list_path(checkpoint, schema):
+    _, tokenizer = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    rows = load_preferences(sample_file(schema))
+    tokenized, report = tokenize_dataset(rows, tokenizer, max_length=80, max_prompt_length=40)
+    examples, list_report = tokenize_preferences(list(rows), tokenizer, max_length=80, max_prompt_length=40)
+    assert str(report) == str(list_report)
+    assert [r["chosen_ids"] for r in tokenized] == [e.chosen_ids for e in examples]
+    assert [r["prompt_ids"] for r in tokenized] == [e.prompt_ids for e in examples]
+    assert all(len(r["prompt_ids"]) <= 40 and r["length"] <= 80 for r in tokenized)
+
+
+def test_truncation_policy_keeps_the_prompt_end_and_counts_it(checkpoint):
+    _, tokenizer = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes", "rejected": " no"}
+    full, _ = tokenize_preferences([row], tokenizer, max_length=64)
+    (kept,), report = tokenize_preferences([row], tokenizer, max_length=64, max_prompt_length=5)
+    assert kept.prompt_ids == full[0].prompt_ids[:1] + full[0].prompt_ids[-4:]  # BOS + the last 4 tokens
+    assert report.prompts_truncated == 1 and "1 prompts cut" in str(report)
+    _, dropped = tokenize_preferences([row, {**row, "prompt": "hi"}], tokenizer, max_length=64, max_prompt_length=5,
+                                      prompt_truncation="drop")
+    assert dropped.dropped["prompt too long"] == 1 and dropped.kept == 1
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_load_policy_nf4_freezes_the_base_and_trains_lora(checkpoint):
+    model, tokenizer = load_policy(checkpoint, quantization="nf4", lora=LoraSettings(r=4))
+    assert getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    # embeddings and head keep their dtype (no float32 upcast of frozen weights)
+    assert model.get_base_model().lm_head.weight.dtype == torch.float32  # CPU default dtype
+    ids = torch.tensor([tokenizer("why is the sky blue")["input_ids"]])
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    # B starts at zero, so only B has a gradient at the first step (A's gradient is B^T times something)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_load_policy_refuses_to_train_quantised_weights_in_full(checkpoint):
+    with pytest.raises(ValueError, match="give lora=LoraSettings"):
+        load_policy(checkpoint, quantization="nf4", lora=None)
+
+
+def test_missing_model_says_what_to_give(tmp_path):
+    with pytest.raises(OSError, match="local directory with config.json"):
+        load_policy(tmp_path / "nothing", quantization=None)
+
+
+def test_sft_adapter_is_the_reference_and_the_start(checkpoint, tmp_path):
+    """load_policy(sft_adapter=...) trains from the SFT adapter and scores pi_ref with a frozen copy of it."""
+    base, tokenizer = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    sft = with_lora(base, r=4)
+    with torch.no_grad():  # an SFT adapter that changes the model
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    sft.save_pretrained(tmp_path / "sft")
+    rows = list(load_preferences(sample_file("preference")))
+    model, tokenizer = load_policy(checkpoint, quantization=None, sft_adapter=tmp_path / "sft",
+                                   gradient_checkpointing=False)
+    assert set(model.peft_config) == {"default", REF_ADAPTER}
+    config = preset("tiny", method="dpo", max_steps=1, batch_size=4, max_length=96, progress=False)
+    trainer = Trainer(model, tokenizer, rows, config)
+    assert trainer.ref_adapter_name == REF_ADAPTER
+    loss, metrics = trainer.batch_loss(range(4))
+    assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy = SFT adapter = reference
+    assert loss.item() == pytest.approx(0.6931, abs=1e-3)
+    batch = trainer.collate(trainer.examples[:4])
+    with model.disable_adapter():
+        base_logps = trainer._forward(model, trainer._to_device(batch))[0]
+    assert (trainer.logprobs(batch, reference=True) - base_logps).abs().max() > 1e-3  # not the bare base
+    trainer.train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(REF_ADAPTER in name for name in trainable)  # the reference stayed frozen
+
+
+# ------------------------------------------------------------------------------------- padding-free
+@pytest.mark.parametrize("method", ["dpo", "rpo", "sft"])
+def test_padding_free_step_equals_the_padded_step(checkpoint, method):
+    model, tokenizer = load_policy(checkpoint, quantization=None, lora=LoraSettings(r=4),
+                                   gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    rows = list(load_preferences(sample_file("ultrafeedback")))
+    if method == "sft":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    grads, losses = [], []
+    for padding_free in (False, True):
+        config = preset("tiny", method=method, batch_size=8, micro_batch_size=3, max_length=96, progress=False,
+                        padding_free=padding_free, max_grad_norm=None, rpo_variant="trl")
+        trainer = Trainer(copy.deepcopy(model), tokenizer, rows, config)
+        losses.append(trainer._optimizer_step(0)["loss"])
+        grads.append([p.grad.clone() for p in trainer.parameters])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for padded, packed in zip(*grads, strict=True):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-6)
+
+
+def test_length_grouped_batches_cover_every_pair_once_and_pad_less(reference, pairs):
+    model, tokenizer = reference
+    config = preset("tiny", method="dpo", batch_size=8, progress=False, group_by_length=True)
+    grouped = Trainer(model, tokenizer, pairs, config)
+    plain = Trainer(model, tokenizer, pairs, preset("tiny", method="dpo", batch_size=8, progress=False))
+    steps = len(pairs) // 8
+    for trainer in (grouped, plain):
+        seen = sorted(i for step in range(steps) for i in trainer._batch_indices(step))
+        assert seen == list(range(len(pairs)))
+
+    def padding(trainer):
+        total = 0
+        for step in range(steps):
+            lengths = [len(trainer.examples[i].prompt_ids) + len(trainer.examples[i].chosen_ids)
+                       for i in trainer._batch_indices(step)]
+            total += max(lengths) * len(lengths) - sum(lengths)
+        return total
+    assert padding(grouped) < padding(plain)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_known_shapes_have_their_published_sizes():
+    assert memory.SHAPES["mistral-7b"].parameters() == 7_241_732_096  # Mistral-7B-v0.1
+    assert memory.SHAPES["llama-3-8b"].parameters() == 8_030_261_248  # Meta-Llama-3-8B
+    assert memory.SHAPES["mistral-7b"].lora_parameters(16) == 41_943_040  # peft's count, r=16 on all linear
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_activation_formula_matches_what_autograd_keeps(autocast, tmp_path):
+    """A shape the formula was not fitted on: width 192, MLP 640, 6 heads of 32, 3 key-value heads, LoRA r=8."""
+    shape = TinyLMConfig(vocab_size=64, hidden_size=192, intermediate_size=640, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=512)
+    from rpo_lib.models import tiny_causal_lm
+
+    measured = {}
+    for layers in (1, 2):
+        config = TinyLMConfig(**{**shape.__dict__, "num_hidden_layers": layers})
+        tiny_causal_lm(config).to(torch.bfloat16).save_pretrained(tmp_path / f"m{layers}")
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / f"m{layers}", dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear")).train()
+        for tokens in (128, 256):  # the difference leaves out what does not grow with tokens (weight casts)
+            ids = torch.randint(3, 64, (1, tokens), generator=torch.Generator().manual_seed(0))
+            measured[layers, tokens] = memory.saved_activation_bytes(
+                model, ids, autocast_dtype=torch.bfloat16 if autocast else None)
+    per_layer = ((measured[2, 256] - measured[2, 128]) - (measured[1, 256] - measured[1, 128])) / 128
+    predicted = memory.activation_bytes_per_token(memory.ModelShape.from_config(base.config), lora_r=8,
+                                                  autocast=autocast)
+    assert per_layer == pytest.approx(predicted, rel=0.02)
+
+
+def test_plan_parts_and_advice():
+    plan = memory.plan_memory("mistral-7b", max_length=1024, pairs=2)
+    weights = plan.parts["weights"] / 2**30
+    assert 3.5 < weights < 4.2  # 6.98e9 linear weights at ~0.52 bytes, 0.26e9 others at 2 bytes
+    assert plan.parts["LoRA + AdamW state"] == 41_943_040 * 16
+    assert plan.fits(80) and plan.fits(16)
+    no_ckpt = memory.replace(plan, gradient_checkpointing=False)
+    assert no_ckpt.parts["activations"] > 10 * plan.parts["activations"]
+    full_logits = memory.replace(plan, logits="full")
+    assert full_logits.parts["logits"] == pytest.approx(4096 * 32000 * 10, rel=1e-9)
+    advice = no_ckpt.advice(16)
+    assert advice and memory.replace(no_ckpt, **advice).fits(16)
+    assert "gradient_checkpointing" in advice
+    full = memory.replace(plan, quantization=None, lora_r=None)  # full fine-tuning in bf16: 3 x 14.5 GB
+    advice = full.advice(16)
+    assert not full.fits(40) and advice["lora_r"] == 16 and advice["quantization"] == "nf4"
+    assert memory.replace(full, **advice).fits(16)
+    hypo = memory.replace(plan, method="hypo")
+    assert hypo.parts["HyPO KV cache"] == 2 * 2 * (512 + 128) * 2 * 32 * 8 * 128 * 2
+    assert "16 GB GPU" in str(plan)
+
+
+def test_planner_reads_a_transformers_config(checkpoint):
+    from transformers import AutoConfig
+
+    shape = memory.ModelShape.from_config(AutoConfig.from_pretrained(checkpoint))
+    model, _ = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    assert shape.parameters() == sum(p.numel() for p in model.parameters())
