@@ -1,0 +1,262 @@
+"""QLoRA RPO on a 7B-shaped model: rpo_lib against TRL 1.16 on the same data, in the same process.
+
+    python benchmarks/qlora_rpo_7b.py            # a GPU: Mistral-7B and Llama-3-8B shapes (random weights)
+    python benchmarks/qlora_rpo_7b.py --smoke    # any machine: tiny shapes, 2 steps, the same code (make test)
+
+Random weights (the hub is not needed): losses mean nothing, time and memory are real. Both sides load the model
+through the same path (``rpo_lib.models.load_policy``'s NF4 double-quant, bf16 compute, LoRA r=16 alpha=32 on
+every linear layer, sdpa, gradient checkpointing), RPO with beta=0.1 and a token-mean SFT term of weight 1 (TRL:
+``loss_type=["sigmoid", "sft"]``). Settings:
+
+- (a) fixed: 2 pairs per step, prompt 512 + completion 512 tokens;
+- (b) variable: lengths like UltraFeedback's (prompt median ~120, answers ~250, a long tail to 1,024), 4 pairs a step;
+- (c) long: one pair at 4,096 tokens per sequence;
+  each with the reference computed in the step and precomputed (TRL's precompute pass counted in its time);
+- (d) HyPO: rpo_lib's step with k=2 online samples of 128 new tokens, against its RPO step (TRL has no HyPO).
+
+Throughput is real (non-pad) tokens per second over the whole run after a warm-up run, chosen and rejected counted;
+the peak is ``torch.cuda.max_memory_allocated``, beside the planner's prediction (``rpo_lib.memory``). Prints a
+table and writes ``qlora_rpo_7b.json`` (``--smoke``: ``qlora_rpo_7b-smoke.json``) beside this script. Nothing
+here is asserted about speed: ``tests/test_benchmarks.py`` runs the smoke mode and checks what it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from rpo_lib import memory  # noqa: E402
+from rpo_lib.models import LoraSettings, TinyLMConfig, load_policy, tiny_causal_lm, tiny_checkpoint  # noqa: E402
+from rpo_lib.train import Trainer, preset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORDS = [f"w{i}" for i in range(400)]  # each a single token of the benchmark's tokenizer
+
+
+def settings(smoke: bool) -> dict[str, dict]:
+    scale = 16 if smoke else 1  # smoke: lengths / 16
+    return {
+        "a_fixed": {"pairs": 2, "prompt": 512 // scale, "answer": (512 // scale, 512 // scale), "steps": 8},
+        "b_variable": {"pairs": 4, "prompt": "ultrafeedback", "answer": "ultrafeedback", "steps": 8},
+        "c_long": {"pairs": 1, "prompt": 2048 // scale, "answer": (2048 // scale, 2048 // scale), "steps": 4},
+    }
+
+
+def lengths_like_ultrafeedback(rng: random.Random, scale: int) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) tokens: log-normal prompt (median 120), answers ~250, tail cut at 1,024 total."""
+    prompt = int(min(700, rng.lognormvariate(4.79, 0.8)))
+    chosen, rejected = (int(min(900, rng.lognormvariate(5.5, 0.5))) for _ in range(2))
+    room = 1024 - prompt
+    return max(1, prompt // scale), max(1, min(chosen, room) // scale), max(1, min(rejected, room) // scale)
+
+
+def make_rows(setting: dict, n_pairs: int, seed: int, scale: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_pairs):
+        if setting["prompt"] == "ultrafeedback":
+            p, c, r = lengths_like_ultrafeedback(rng, scale)
+        else:
+            p, (c, r) = setting["prompt"], setting["answer"]
+        words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+        rows.append({"prompt": words(p - 1), "chosen": " " + words(c - 1), "rejected": " " + words(r - 1)})
+    return rows
+
+
+def real_tokens(tokenizer, rows: list[dict]) -> int:
+    total = 0
+    for row in rows:
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        for key in ("chosen", "rejected"):
+            total += prompt + len(tokenizer(row["prompt"] + row[key])["input_ids"]) - prompt + 1  # + EOS
+    return total
+
+
+def build_checkpoint(shape: str, directory: Path, smoke: bool) -> str:
+    """A model directory of the given shape with random weights and a tokenizer whose words are single tokens."""
+    path = tiny_checkpoint(directory / "tiny", [" ".join(WORDS)] * 4, vocab_size=512)
+    if smoke:
+        return path
+    from transformers import AutoConfig
+
+    known = memory.SHAPES[shape]
+    config = TinyLMConfig(vocab_size=known.vocab_size, hidden_size=known.hidden_size,
+                          intermediate_size=known.intermediate_size, num_hidden_layers=known.num_hidden_layers,
+                          num_attention_heads=known.num_attention_heads,
+                          num_key_value_heads=known.num_key_value_heads, max_position_embeddings=8192)
+    with torch.device("cuda"):
+        model = tiny_causal_lm(config, dtype=torch.bfloat16)
+    out = directory / shape
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    for name in os.listdir(path):
+        if name.startswith(("tokenizer", "chat_template")):
+            (out / name).write_bytes((Path(path) / name).read_bytes())
+    assert AutoConfig.from_pretrained(out).vocab_size == known.vocab_size
+    return str(out)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def run_ours(path: str, rows: list[dict], setting: dict, *, precompute: bool, method: str = "rpo",
+             smoke: bool) -> dict:
+    model, tokenizer = load_policy(path, quantization="nf4", lora=LoraSettings(r=16, alpha=32),
+                                   dtype=None if smoke else torch.bfloat16)
+    max_length = max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for r in rows for k in ("chosen", "rejected"))
+    config = preset("qlora_7b", method=method, beta=0.1, eta=None, sft_weight=1.0, rpo_variant="trl",
+                    batch_size=setting["pairs"], micro_batch_size=setting["pairs"], max_length=max_length,
+                    max_prompt_length=None, max_steps=setting["steps"], warmup_steps=0, padding_free=True,
+                    precompute_ref_logps=precompute, progress=False, save_every=0, online_max_new_tokens=128
+                    if not smoke else 8, k_online=2, lam=1e-4)
+    warm = Trainer(model, tokenizer, rows[:setting["pairs"]], _replace(config, max_steps=1))
+    warm.train()  # kernels, allocator, autotuning
+    del warm
+    _reset_peak()
+    _sync()
+    start = time.perf_counter()
+    trainer = Trainer(model, tokenizer, rows, config)
+    trainer.train()
+    _sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gib": _peak_gib(), "tokens": real_tokens(tokenizer, rows),
+            "steps": setting["steps"], "max_length": max_length}
+
+
+def _replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smoke: bool, workdir: Path) -> dict:
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if torch.cuda.is_available() else "cpu")
+    max_length = max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for r in rows for k in ("chosen", "rejected"))
+
+    def args(steps: int) -> trl.DPOConfig:
+        return trl.DPOConfig(output_dir=str(workdir / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+                             beta=0.1, per_device_train_batch_size=setting["pairs"], max_length=max_length,
+                             max_steps=steps, learning_rate=5e-5, gradient_checkpointing=True,
+                             precompute_ref_log_probs=precompute, bf16=not smoke, use_cpu=smoke, report_to=[],
+                             save_strategy="no", logging_steps=1000, disable_tqdm=True)
+
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    warm = trl.DPOTrainer(model=model, args=args(1), train_dataset=Dataset.from_list(rows[:setting["pairs"]]),
+                          processing_class=tokenizer, peft_config=lora)
+    warm.train()
+    model = warm.model  # the peft model; a second DPOTrainer trains it on
+    del warm
+    _reset_peak()
+    _sync()
+    start = time.perf_counter()
+    trainer = trl.DPOTrainer(model=model, args=args(setting["steps"]), train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)
+    trainer.train()
+    _sync()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gib": _peak_gib(), "tokens": real_tokens(tokenizer, rows),
+            "steps": setting["steps"], "max_length": max_length}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and lengths, 2 steps (CPU, make test)")
+    parser.add_argument("--shapes", nargs="+", default=["mistral-7b", "llama-3-8b"])
+    parser.add_argument("--skip-trl", action="store_true", help="rpo_lib only (TRL not installed)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: beside this script)")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("the full benchmark needs a CUDA GPU (4-bit kernels, real sizes); run with --smoke here.")
+    scale = 16 if args.smoke else 1
+    shapes = args.shapes[:1] if args.smoke else args.shapes
+    result: dict = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(0) if
+                    torch.cuda.is_available() else platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "smoke": args.smoke, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            path = build_checkpoint(shape, Path(tmp), args.smoke)
+            for name, setting in settings(args.smoke).items():
+                setting = {**setting, "steps": 2 if args.smoke else setting["steps"]}
+                if args.smoke or shape == "mistral-7b" or name == "c_long":
+                    rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=0, scale=scale)
+                    for precompute in (False, True):
+                        row = {"shape": shape, "setting": name, "precompute_ref": precompute,
+                               "ours": run_ours(path, rows, setting, precompute=precompute, smoke=args.smoke)}
+                        if not args.skip_trl:
+                            row["trl"] = run_trl(path, rows, setting, precompute=precompute, smoke=args.smoke,
+                                                 workdir=Path(tmp))
+                        plan = memory.plan_memory(shape if not args.smoke else memory.ModelShape.from_config(
+                            __import__("transformers").AutoConfig.from_pretrained(path)),
+                            max_length=row["ours"]["max_length"], pairs=setting["pairs"],
+                            precompute_ref=precompute)
+                        row["planned_gib"] = plan.total_gib
+                        result["runs"].append(row)
+                        print(_line(row), flush=True)
+            if args.smoke or shape == "mistral-7b":  # (d) HyPO against RPO, fixed lengths
+                setting = {**settings(args.smoke)["a_fixed"], "steps": 2 if args.smoke else 4}
+                rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=1, scale=scale)
+                rpo = run_ours(path, rows, setting, precompute=False, smoke=args.smoke)
+                hypo = run_ours(path, rows, setting, precompute=False, method="hypo", smoke=args.smoke)
+                result["hypo"] = {"shape": shape, "rpo": rpo, "hypo": hypo,
+                                  "hypo_step_over_rpo_step": hypo["seconds"] / rpo["seconds"]}
+                print(f"HyPO step / RPO step: {hypo['seconds'] / rpo['seconds']:.2f}x", flush=True)
+    out = args.out or HERE / ("qlora_rpo_7b-smoke.json" if args.smoke else "qlora_rpo_7b.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def _line(row: dict) -> str:
+    ours = row["ours"]
+    text = (f"{row['shape']:<11} {row['setting']:<11} precompute={row['precompute_ref']!s:<5} rpo_lib "
+            f"{ours['tokens'] / ours['seconds']:9.0f} tok/s peak {_gib(ours['peak_gib'])} (planned "
+            f"{row['planned_gib']:.1f} GiB)")
+    if "trl" in row:
+        trl = row["trl"]
+        ratio = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
+        text += f" | TRL {trl['tokens'] / trl['seconds']:9.0f} tok/s peak {_gib(trl['peak_gib'])} | {ratio:.2f}x"
+    return text
+
+
+def _gib(value: float | None) -> str:
+    return f"{value:5.1f} GiB" if value is not None else "  n/a (CPU)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/qlora_rpo_7b.py in its smoke mode: the same code as on a GPU, tiny shapes, and no timing asserted."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="the benchmark compares with TRL, a test dependency: pip install -e '.[dev]'")
+
+
+def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "qlora_rpo_7b.py"
+    spec = importlib.util.spec_from_file_location("qlora_rpo_7b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "smoke.json"
+    module.main(["--smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True
+    seen = {(run["setting"], run["precompute_ref"]) for run in result["runs"]}
+    assert seen == {(s, p) for s in ("a_fixed", "b_variable", "c_long") for p in (False, True)}
+    for run in result["runs"]:
+        for side in ("ours", "trl"):
+            figures = run[side]
+            assert figures["tokens"] > 0 and figures["seconds"] > 0 and figures["steps"] == 2
+        assert run["ours"]["tokens"] == run["trl"]["tokens"]  # the same rows on both sides
+        assert run["planned_gib"] > 0
+    assert math.isfinite(result["hypo"]["hypo_step_over_rpo_step"])
