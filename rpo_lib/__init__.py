@@ -9,10 +9,12 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
 - ``rpo_lib.packing``   padding-free batches: sequences packed into rows, block-causal attention, scored in input order.
-- ``rpo_lib.models``    tiny Hugging Face causal LMs built from a config (no download); LoRA adapters.
-- ``rpo_lib.data``      text rows -> checked, tokenized examples -> padded batches; dropped rows are counted.
+- ``rpo_lib.models``    ``load_policy`` (QLoRA: 4-bit weights, LoRA, an SFT adapter as reference); tiny models from a config.
+- ``rpo_lib.memory``    the peak GPU memory of a training step, predicted before loading, and what would make it fit.
+- ``rpo_lib.data``      datasets by id or file (schema adapters) -> checked, tokenized examples -> batches; counted drops.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
 - ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
+- ``rpo_lib.evaluation`` a trained policy against its reference: reward-model win rate, KL to the reference.
 - ``rpo_lib.checkpoints`` the trainer's checkpoint files: atomic writes, safe loading, discovery by step.
 - ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
@@ -29,8 +31,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "exercises", "logprobs", "losses", "models",
-           "packing", "papers", "plotting", "sample", "tasks", "train"]
+__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "logprobs", "losses",
+           "memory", "models", "packing", "papers", "plotting", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -244,6 +244,22 @@ def _linear_coverage_of_flaw():
     return coverage.linear_coverage(coverage.feature_covariance(covered), torch.outer(flawed, flawed))
 
 
+def _mistral_lora_state_gib() -> float:
+    from rpo_lib.memory import SHAPES
+
+    return SHAPES["mistral-7b"].lora_parameters(16) * 16 / 2**30
+
+
+def _length_inputs(generator: torch.Generator) -> tuple:
+    return (torch.randint(1, 2048, (int(torch.randint(2, 9, (1,), generator=generator)),), generator=generator).tolist(),)
+
+
+def _padding_fraction(lengths) -> float:
+    from rpo_lib.packing import padding_fraction
+
+    return padding_fraction(list(lengths))
+
+
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
@@ -297,6 +313,10 @@ EXERCISES: dict[str, Exercise | Implementation] = {
     "06.E3": Exercise(lambda: "hypo", "Which loss has an expectation under pi_theta?"),
     "06.I1": Implementation(_rloo, _kl_inputs, "For each row: kl_i minus the mean of the other k-1 entries."),
     # 07 · the tiny LM lab
+    "08.E1": Exercise(_mistral_lora_state_gib, "Sum r * (n_in + n_out) over the seven shapes, times 32 layers, times "
+                      "16 bytes, divided by 2**30.", atol=0.01),
+    "08.I1": Implementation(_padding_fraction, _length_inputs, "1 - sum(lengths) / (len(lengths) * max(lengths)).",
+                            atol=1e-9, rtol=0.0),
     "07.E1": Exercise(lambda: -5.0, "+1 for the fruit, -4 for the decoy, -1 for each off-topic word.", atol=1e-9),
     "07.E2": Exercise(_implicit_chosen_reward, "beta times (final - initial) of eval/logps/chosen.", atol=1e-6),
     "07.E3": Exercise(_decoy_winner, "Which loss has a term on the chosen responses, which never contain a decoy?"),

@@ -54,6 +54,7 @@ that holds checkpoints unless told to resume or to overwrite them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -556,25 +557,33 @@ class Trainer:
             with torch.no_grad():
                 if not reference:
                     return self._forward(self.model, batch, reduction)[0]
-                if self.ref_model is not None:
-                    return self._forward(self.ref_model, batch, reduction)[0]
-                if self.ref_adapter_name is not None:
-                    active = self.model.active_adapter
-                    self.model.set_adapter(self.ref_adapter_name, inference_mode=True)
-                    try:
-                        return self._forward(self.model, batch, reduction)[0]
-                    finally:
-                        self.model.set_adapter(active)
-                        self.model.set_requires_grad(self.ref_adapter_name, requires_grad=False)
-                if _is_peft(self.model):
-                    with self.model.disable_adapter():
-                        return self._forward(self.model, batch, reduction)[0]
-                if self.step > 0:
-                    raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or "
-                                     "an evaluator): pass ref_model=... to score against pi_ref after training.")
-                return self._forward(self.model, batch, reduction)[0]  # before the first step the model is pi_ref
+                with self.reference_model() as model:
+                    return self._forward(model, batch, reduction)[0]
         finally:
             self.model.train(was_training)
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[Any]:
+        """``with trainer.reference_model() as ref:`` a model that computes ``pi_ref``: ``ref_model``, the PEFT model
+        with its reference adapter active or its adapter disabled, or (before the first step) the model itself."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif self.ref_adapter_name is not None:
+            active = self.model.active_adapter
+            self.model.set_adapter(self.ref_adapter_name, inference_mode=True)
+            try:
+                yield self.model
+            finally:
+                self.model.set_adapter(active)
+                self.model.set_requires_grad(self.ref_adapter_name, requires_grad=False)
+        elif _is_peft(self.model):
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.step > 0:
+            raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or an "
+                             "evaluator): pass ref_model=... to score against pi_ref after training.")
+        else:
+            yield self.model  # before the first step the model is pi_ref
 
     def _precompute(self) -> None:
         """Reference log-probs of every pair, (N, 2) chosen/rejected, computed once without gradients."""
@@ -601,12 +610,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------- sampling API
     def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, k: int = 1, max_new_tokens: int = 32,
                temperature: float = 1.0, generator: torch.Generator | None = None,
-               max_rows: int | None = None) -> Samples:
-        """``k`` samples per prompt (text or token ids) from the current policy (see ``rpo_lib.sample``)."""
+               max_rows: int | None = None, reference: bool = False) -> Samples:
+        """``k`` samples per prompt (text or token ids) from the current policy, or from ``pi_ref`` with
+        ``reference=True`` (see ``rpo_lib.sample``)."""
         prompt_ids = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
-        return sample(self.model, prompt_ids, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                      generator=generator, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
-                      max_rows=max_rows)
+        with contextlib.ExitStack() as stack:
+            model = stack.enter_context(self.reference_model()) if reference else self.model
+            with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
+                return sample(model, prompt_ids, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                              generator=generator, eos_token_id=self.tokenizer.eos_token_id,
+                              pad_token_id=self.pad_token_id, max_rows=max_rows)
 
     def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
         """``(log pi(y|x), log pi_ref(y|x))`` of sampled rows, each (N,), summed over tokens, no gradients."""

@@ -256,3 +256,13 @@ def test_planner_reads_a_transformers_config(checkpoint):
     shape = memory.ModelShape.from_config(AutoConfig.from_pretrained(checkpoint))
     model, _ = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
     assert shape.parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_sample_files_are_what_the_script_writes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
