@@ -9,9 +9,9 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.losses``    DPO, IPO, SFT, RPO, online reverse KL (RLOO), HyPO: pure tensor functions.
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
 - ``rpo_lib.packing``   padding-free batches: sequences packed into rows, block-causal attention, scored in input order.
-- ``rpo_lib.models``    ``load_policy`` (QLoRA: 4-bit weights, LoRA, an SFT adapter as reference); tiny models from a config.
+- ``rpo_lib.models``    ``load_policy`` (QLoRA: 4-bit weights, LoRA, an SFT adapter as reference); tiny models.
 - ``rpo_lib.memory``    the peak GPU memory of a training step, predicted before loading, and what would make it fit.
-- ``rpo_lib.data``      datasets by id or file (schema adapters) -> checked, tokenized examples -> batches; counted drops.
+- ``rpo_lib.data``      datasets by id or file (schema adapters) -> checked, tokenized examples; drops counted.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
 - ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
 - ``rpo_lib.evaluation`` a trained policy against its reference: reward-model win rate, KL to the reference.

@@ -62,7 +62,7 @@ def tiny_reward_checkpoint(directory: str | os.PathLike, tokenizer: Any, *, seed
     CPU (its scores mean nothing)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=len(tokenizer),  # type: ignore[call-arg]  # num_labels: a PreTrainedConfig field hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=2048)
     with torch.random.fork_rng(devices=[]):
@@ -98,9 +98,9 @@ class Comparison:
     reference_texts: list[str]
 
     def __str__(self) -> str:
-        return (f"win rate {self.win_rate:.2f} over {len(self.policy_texts)} prompts; mean reward {self.reward_policy:.3f} "
-                f"(policy) vs {self.reward_reference:.3f} (reference); KL(pi || pi_ref) = {self.kl:.3f} "
-                f"+- {self.kl_stderr:.3f} nats")
+        return (f"win rate {self.win_rate:.2f} over {len(self.policy_texts)} prompts; mean reward "
+                f"{self.reward_policy:.3f} (policy) vs {self.reward_reference:.3f} (reference); "
+                f"KL(pi || pi_ref) = {self.kl:.3f} +- {self.kl_stderr:.3f} nats")
 
 
 def compare_to_reference(trainer: Any, prompt_ids: Sequence[Sequence[int]], reward: RewardModel, *,

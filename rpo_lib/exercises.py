@@ -251,7 +251,8 @@ def _mistral_lora_state_gib() -> float:
 
 
 def _length_inputs(generator: torch.Generator) -> tuple:
-    return (torch.randint(1, 2048, (int(torch.randint(2, 9, (1,), generator=generator)),), generator=generator).tolist(),)
+    n = int(torch.randint(2, 9, (1,), generator=generator))
+    return (torch.randint(1, 2048, (n,), generator=generator).tolist(),)
 
 
 def _padding_fraction(lengths) -> float:

@@ -71,7 +71,9 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
         """From a transformers config (``AutoConfig.from_pretrained(id)``, a model's ``.config``) or a dict."""
-        get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+        def get(key: str, default: Any = None) -> Any:
+            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
         text = get("text_config")
         if text is not None:
             return cls.from_config(text)
@@ -245,7 +247,8 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
         shape = model
     else:
         shape = ModelShape.from_config(getattr(model, "config", model))
-    settings = {"max_length": max_length, "pairs": pairs, "lora_r": lora_r, "quantization": quantization,
+    settings: dict[str, Any] = {
+                "max_length": max_length, "pairs": pairs, "lora_r": lora_r, "quantization": quantization,
                 "gradient_checkpointing": gradient_checkpointing, "logits": logits, "precompute_ref": precompute_ref,
                 "real_tokens": real_tokens, "method": method, "k_online": k_online,
                 "online_new_tokens": online_new_tokens, "prompt_length": prompt_length,

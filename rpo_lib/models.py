@@ -275,7 +275,7 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
                       f"*.safetensors, or a hub id (needs the network; HF_HUB_OFFLINE=1 allows only the local "
                       f"cache).") from error
     if bnb is None:
-        model = model.to(place)
+        model = model.to(place)  # type: ignore[arg-type]  # transformers' wrapped .to accepts a device
     elif place.type == "cpu":
         keep_4bit_trainable_on_cpu(model)
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code,
