@@ -62,8 +62,9 @@ def tiny_reward_checkpoint(directory: str | os.PathLike, tokenizer: Any, *, seed
     CPU (its scores mean nothing)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=len(tokenizer),  # type: ignore[call-arg]  # num_labels: a PreTrainedConfig field hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         num_labels=1,  # type: ignore[call-arg]  # a PreTrainedConfig field
                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=2048)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

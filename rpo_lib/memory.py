@@ -23,6 +23,9 @@ The peak of one optimizer micro-step is the sum of
   precomputed);
 - **HyPO**: the KV cache of the online samples and the activations of scoring them.
 
+The weights and the trainable state stay; the other parts live in phases of the step that never overlap (the
+reference pass, the policy's forward and backward, HyPO's sampling, HyPO's scoring), so the peak counts the largest.
+
 Activations per token and layer of a Llama/Mistral decoder with LoRA on every linear layer, bfloat16 autocast::
 
     24 H + 8 I + 4 (kv heads x head dim) + 4 heads + 8 + 2 r x (adapted linears)   bytes     (ACTIVATION_BYTES)
@@ -151,6 +154,10 @@ def saved_activation_bytes(model: Any, input_ids: torch.Tensor, *, autocast_dtyp
 
 
 Quantization = Literal["nf4", "int8"]
+# The parts that live only during one phase of a step, by phase.
+_PHASES_BY_STEP = {"reference pass": ("reference pass",), "policy forward and backward": ("activations", "logits"),
+                   "HyPO sampling": ("HyPO KV cache",), "HyPO scoring": ("HyPO scoring",)}
+_PHASES = {name for names in _PHASES_BY_STEP.values() for name in names}
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,12 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> float:
-        return sum(self.parts.values()) * (1 + ALLOCATOR_SLACK)
+        """Weights and trainable state, plus the largest of the step's phases (they never overlap: the reference
+        pass ends before the policy's forward, HyPO's samples are drawn before either and scored after the offline
+        backward), plus ``ALLOCATOR_SLACK``."""
+        fixed = sum(self.parts[name] for name in self.parts if name not in _PHASES)
+        phases = {phase: sum(self.parts.get(name, 0.0) for name in names) for phase, names in _PHASES_BY_STEP.items()}
+        return (fixed + max(phases.values())) * (1 + ALLOCATOR_SLACK)
 
     @property
     def total_gib(self) -> float:
@@ -205,7 +217,8 @@ class MemoryPlan:
         """The parts and the total in GiB, and a fit line for each GPU size."""
         width = max(map(len, self.parts))
         lines = [f"{name:<{width}}  {value / GiB:7.2f} GiB" for name, value in self.parts.items()]
-        lines.append(f"{'total (+' + format(ALLOCATOR_SLACK, '.0%') + ' slack)':<{width}}  {self.total_gib:7.2f} GiB")
+        lines.append(f"{'peak (+' + format(ALLOCATOR_SLACK, '.0%') + ' slack)':<{width}}  {self.total_gib:7.2f} GiB   "
+                     f"(weights + state + the largest phase)")
         for size in GPU_SIZES_GB:
             advice = self.advice(size) if not self.fits(size) else {}
             verdict = "fits" if not advice else "fits with " + ", ".join(f"{k}={v}" for k, v in advice.items())

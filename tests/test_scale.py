@@ -266,3 +266,15 @@ def test_sample_files_are_what_the_script_writes():
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_tiny_reward_model_is_tiny_and_scores(checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rpo_lib.evaluation import load_reward_model, reward_scores, tiny_reward_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    reward = load_reward_model(tiny_reward_checkpoint(tmp_path / "reward", tokenizer), device="cpu")
+    assert sum(p.numel() for p in reward.model.parameters()) < 100_000
+    scores = reward_scores(reward, ["why is the sky blue", "a prime number"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
