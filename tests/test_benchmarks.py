@@ -24,7 +24,8 @@ def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
     for run in result["runs"]:
         for side in ("ours", "trl"):
             figures = run[side]
-            assert figures["tokens"] > 0 and figures["seconds"] > 0 and figures["steps"] == 2
+            assert figures["tokens"] > 0 and figures["steps"] == 2
+            assert isinstance(figures["seconds"], float)  # a time: recorded, never compared
         assert run["ours"]["tokens"] == run["trl"]["tokens"]  # the same rows on both sides
         assert run["planned_gib"] > 0
     assert math.isfinite(result["hypo"]["hypo_step_over_rpo_step"])
