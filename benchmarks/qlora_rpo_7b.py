@@ -23,6 +23,7 @@ here is asserted about speed: ``tests/test_benchmarks.py`` runs the smoke mode a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -75,13 +76,13 @@ def make_rows(setting: dict, n_pairs: int, seed: int, scale: int) -> list[dict]:
     return rows
 
 
+def sequence_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Tokens of every prompt + chosen and prompt + rejected sequence, the EOS that ends it included."""
+    return [len(tokenizer(row["prompt"] + row[key])["input_ids"]) + 1 for row in rows for key in ("chosen", "rejected")]
+
+
 def real_tokens(tokenizer, rows: list[dict]) -> int:
-    total = 0
-    for row in rows:
-        prompt = len(tokenizer(row["prompt"])["input_ids"])
-        for key in ("chosen", "rejected"):
-            total += prompt + len(tokenizer(row["prompt"] + row[key])["input_ids"]) - prompt + 1  # + EOS
-    return total
+    return sum(sequence_lengths(tokenizer, rows))
 
 
 def build_checkpoint(shape: str, directory: Path, smoke: bool) -> str:
@@ -128,13 +129,13 @@ def run_ours(path: str, rows: list[dict], setting: dict, *, precompute: bool, me
              smoke: bool) -> dict:
     model, tokenizer = load_policy(path, quantization="nf4", lora=LoraSettings(r=16, alpha=32),
                                    dtype=None if smoke else torch.bfloat16)
-    max_length = max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for r in rows for k in ("chosen", "rejected"))
+    max_length = max(sequence_lengths(tokenizer, rows))
     config = preset("qlora_7b", method=method, beta=0.1, eta=None, sft_weight=1.0, rpo_variant="trl",
                     batch_size=setting["pairs"], micro_batch_size=setting["pairs"], max_length=max_length,
                     max_prompt_length=None, max_steps=setting["steps"], warmup_steps=0, padding_free=True,
                     precompute_ref_logps=precompute, progress=False, save_every=0, online_max_new_tokens=128
                     if not smoke else 8, k_online=2, lam=1e-4)
-    warm = Trainer(model, tokenizer, rows[:setting["pairs"]], _replace(config, max_steps=1))
+    warm = Trainer(model, tokenizer, rows[:setting["pairs"]], dataclasses.replace(config, max_steps=1))
     warm.train()  # kernels, allocator, autotuning
     del warm
     _reset_peak()
@@ -146,12 +147,6 @@ def run_ours(path: str, rows: list[dict], setting: dict, *, precompute: bool, me
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_gib": _peak_gib(), "tokens": real_tokens(tokenizer, rows),
             "steps": setting["steps"], "max_length": max_length}
-
-
-def _replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smoke: bool, workdir: Path) -> dict:
@@ -167,7 +162,7 @@ def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smo
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
                                                  attn_implementation="sdpa",
                                                  device_map={"": 0} if torch.cuda.is_available() else "cpu")
-    max_length = max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) + 1 for r in rows for k in ("chosen", "rejected"))
+    max_length = max(sequence_lengths(tokenizer, rows))
 
     def args(steps: int) -> trl.DPOConfig:
         return trl.DPOConfig(output_dir=str(workdir / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
@@ -201,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-trl", action="store_true", help="rpo_lib only (TRL not installed)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: beside this script)")
     args = parser.parse_args(argv)
+    from transformers import AutoConfig
+
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("the full benchmark needs a CUDA GPU (4-bit kernels, real sizes); run with --smoke here.")
     scale = 16 if args.smoke else 1
@@ -221,10 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
                         if not args.skip_trl:
                             row["trl"] = run_trl(path, rows, setting, precompute=precompute, smoke=args.smoke,
                                                  workdir=Path(tmp))
-                        plan = memory.plan_memory(shape if not args.smoke else memory.ModelShape.from_config(
-                            __import__("transformers").AutoConfig.from_pretrained(path)),
-                            max_length=row["ours"]["max_length"], pairs=setting["pairs"],
-                            precompute_ref=precompute)
+                        planned = shape if not args.smoke else memory.ModelShape.from_config(
+                            AutoConfig.from_pretrained(path))
+                        plan = memory.plan_memory(planned, max_length=row["ours"]["max_length"],
+                                                  pairs=setting["pairs"], precompute_ref=precompute)
                         row["planned_gib"] = plan.total_gib
                         result["runs"].append(row)
                         print(_line(row), flush=True)

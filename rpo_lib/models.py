@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["REF_ADAPTER", "LoraSettings", "TinyLMConfig", "disable_dropout", "enable_checkpointing", "find_dropout",
-           "keep_4bit_trainable_on_cpu", "launch_device", "load_policy", "prepare_for_kbit_training",
+__all__ = ["REF_ADAPTER", "LoraSettings", "TinyLMConfig", "compute_dtype", "disable_dropout", "enable_checkpointing",
+           "find_dropout", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy", "prepare_for_kbit_training",
            "quantization_config", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop")
@@ -216,6 +216,18 @@ def prepare_for_kbit_training(model: Any) -> int:
             parameter.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype a model computes its activations in: a 4-bit layer's compute dtype, else its frozen floating-point
+    weights' dtype (the trained ones may be float32 adapters), else its first floating-point weight's."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in floats if not p.requires_grad]
+    return (frozen or floats)[0].dtype
 
 
 def enable_checkpointing(model: Any) -> None:

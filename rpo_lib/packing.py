@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from rpo_lib.logprobs import DEFAULT_CHUNK_ELEMENTS, Reduction, linear_label_logprobs, reduce_token_logprobs
+from rpo_lib.models import compute_dtype
 
 __all__ = ["PackedBatch", "pack_sequences", "packed_completion_logprobs", "packed_token_logprobs", "padding_fraction"]
 
@@ -165,7 +166,7 @@ def packed_token_logprobs(model: Any, batch: PackedBatch, *, attention: Literal[
     decoder, lm_head = _backbone(model)
     device = batch.input_ids.device
     if attention == "mask":
-        mask = batch.block_causal_mask(dtype=_compute_dtype(model)).to(device)
+        mask = batch.block_causal_mask(dtype=compute_dtype(model)).to(device)
     elif attention == "varlen":
         mask = None
     else:
@@ -197,13 +198,6 @@ def packed_token_logprobs(model: Any, batch: PackedBatch, *, attention: Literal[
     token_logps = torch.zeros((n, width), dtype=values.dtype, device=device).index_put((owner, column), values)
     token_mask = torch.arange(width, device=device)[None, :] < counts[:, None]
     return token_logps, token_mask
-
-
-def _compute_dtype(model: Any) -> torch.dtype:
-    """The dtype activations have: the first floating-point parameter that is not trained (or any)."""
-    floats = [p for p in model.parameters() if p.is_floating_point()]
-    frozen = [p for p in floats if not p.requires_grad]
-    return (frozen or floats)[0].dtype
 
 
 def packed_completion_logprobs(model: Any, batch: PackedBatch, *, reduction: Reduction = "sum",

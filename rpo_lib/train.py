@@ -77,7 +77,7 @@ from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import (REF_ADAPTER, disable_dropout, enable_checkpointing, find_dropout,
+from rpo_lib.models import (REF_ADAPTER, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
                             keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.sample import Samples, rows_that_fit, sample
@@ -357,17 +357,6 @@ def _group_by_length(order: list[int], lengths: list[int], batch_size: int, gene
     return [i for b in shuffled + partial for i in b]
 
 
-def _compute_dtype(model: Any) -> torch.dtype:
-    """The dtype the model computes in: its frozen floating-point weights' (4-bit layers: their compute dtype)."""
-    from rpo_lib.packing import _compute_dtype as frozen_dtype
-
-    for module in model.modules():
-        compute = getattr(module, "compute_dtype", None)
-        if isinstance(compute, torch.dtype):
-            return compute
-    return frozen_dtype(model)
-
-
 def _rng_state() -> dict[str, Any]:
     """Every random number generator that a step may draw from, as plain data (weights_only-safe)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
@@ -466,7 +455,7 @@ class Trainer:
         self._permutation: tuple[int, list[int]] | None = None
         # A 4-bit or bf16 base with float32 adapters computes under autocast, as TRL with bf16=True does: without
         # it peft casts each adapted layer's input to float32 and keeps that copy (rpo_lib.memory).
-        self.compute_dtype = _compute_dtype(self.model)
+        self.compute_dtype = compute_dtype(self.model)
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16) and any(
             p.dtype == torch.float32 for p in self.parameters)
 

@@ -309,50 +309,34 @@ def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion
     return kept, report
 
 
-def _pretokenized(rows: Any, names: tuple[str, ...], kind: type) -> tuple[list[Any], DataReport] | None:
-    """Examples from a dataset that ``rpo_lib.data.tokenize_dataset`` made (columns ``<field>_ids``), else None."""
+def _examples(rows: Any, tokenizer: Any, names: tuple[str, ...], kind: type, what: str, *, max_length: int,
+              max_prompt_length: int | None, prompt_truncation: PromptTruncation) -> tuple[list[Any], DataReport]:
+    """``kind(prompt_ids, *completion_ids)`` for every kept row, and the report. A dataset that
+    ``rpo_lib.data.tokenize_dataset`` made (columns ``<field>_ids``) is taken as it is."""
     columns = getattr(rows, "column_names", None)
-    if not columns or not all(f"{name}_ids" in columns for name in names):
-        return None
-    data = rows.select_columns([f"{name}_ids" for name in names]).with_format(None)
-    examples = [kind(*(list(row[f"{name}_ids"]) for name in names)) for row in data]
-    return examples, DataReport(rows_in=len(examples), kept=len(examples), what="pairs" if len(names) == 3 else "rows")
+    if columns and all(f"{name}_ids" in columns for name in names):
+        data = rows.select_columns([f"{name}_ids" for name in names]).with_format(None)
+        examples = [kind(*(list(row[f"{name}_ids"]) for name in names)) for row in data]
+        return examples, DataReport(rows_in=len(examples), kept=len(examples), what=what)
+    kept, report = _tokenize_rows(rows, tokenizer, names[1:], max_length=max_length,
+                                  max_prompt_length=max_prompt_length, what=what, prompt_truncation=prompt_truncation)
+    return [kind(prompt, *completions) for prompt, completions in kept], report
 
 
-def tokenize_preferences(
-    rows: Iterable[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    prompt_truncation: PromptTruncation = "keep_end",
-) -> tuple[list[PreferenceExample], DataReport]:
+def tokenize_preferences(rows: Iterable[Mapping[str, Any]], tokenizer: Any, *, max_length: int,
+                         max_prompt_length: int | None = None, prompt_truncation: PromptTruncation = "keep_end",
+                         ) -> tuple[list[PreferenceExample], DataReport]:
     """Check and tokenize preference rows (see the module docstring for what happens to bad ones)."""
-    pretokenized = _pretokenized(rows, PREFERENCE_FIELDS, PreferenceExample)
-    if pretokenized is not None:
-        return pretokenized
-    kept, report = _tokenize_rows(rows, tokenizer, PREFERENCE_FIELDS[1:], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, what="pairs",
-                                  prompt_truncation=prompt_truncation)
-    return [PreferenceExample(prompt, chosen, rejected) for prompt, (chosen, rejected) in kept], report
+    return _examples(rows, tokenizer, PREFERENCE_FIELDS, PreferenceExample, "pairs", max_length=max_length,
+                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation)
 
 
-def tokenize_sft(
-    rows: Iterable[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    prompt_truncation: PromptTruncation = "keep_end",
-) -> tuple[list[SFTExample], DataReport]:
+def tokenize_sft(rows: Iterable[Mapping[str, Any]], tokenizer: Any, *, max_length: int,
+                 max_prompt_length: int | None = None, prompt_truncation: PromptTruncation = "keep_end",
+                 ) -> tuple[list[SFTExample], DataReport]:
     """Check and tokenize SFT rows ``{"prompt", "completion"}`` (same rules as for preferences)."""
-    pretokenized = _pretokenized(rows, SFT_FIELDS, SFTExample)
-    if pretokenized is not None:
-        return pretokenized
-    kept, report = _tokenize_rows(rows, tokenizer, SFT_FIELDS[1:], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, what="rows",
-                                  prompt_truncation=prompt_truncation)
-    return [SFTExample(prompt, completion) for prompt, (completion,) in kept], report
+    return _examples(rows, tokenizer, SFT_FIELDS, SFTExample, "rows", max_length=max_length,
+                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation)
 
 
 def pad_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

@@ -146,8 +146,7 @@ def detect_schema(columns: list[str], first_row: Mapping[str, Any] | None = None
             return SCHEMAS[key]
     if {"chosen", "rejected"} <= names:
         chosen = (first_row or {}).get("chosen")
-        if isinstance(chosen, str) and chosen.lstrip(" ").startswith("\n\nHuman:") or (
-                isinstance(chosen, str) and chosen.startswith("Human:")):
+        if isinstance(chosen, str) and chosen.lstrip(" ").startswith(("\n\nHuman:", "Human:")):
             return SCHEMAS["hh-rlhf"]
         if isinstance(chosen, list):
             return Schema("conversation", (), ("chosen", "rejected"), _shared_conversation, "")
