@@ -15,11 +15,18 @@ the device once every ``_FINISHED_CHECK_EVERY`` tokens (have all rows finished?)
 Memory: the KV cache grows with rows x tokens (``kv_cache_bytes``); ``max_rows`` splits the rows into
 generation loops of at most that many (``rows_that_fit`` sizes it from a memory budget). The samples follow
 the same distribution whatever ``max_rows`` is, but another ``max_rows`` gives other samples for the same seed.
+
+Row seeds. ``row_seeds`` gives every row its own stream of random numbers: its ``max_new_tokens`` uniforms are
+drawn up front from a generator seeded with the row's seed, and the token at step ``t`` is the inverse of the
+softmax's cumulative distribution at the row's ``t``-th uniform (an exact draw from the softmax). A row's sample
+then depends only on its prompt, its seed and the model, not on the rows beside it, on ``max_rows`` or on which
+process draws it: that is how HyPO's online samples stay the same when a batch is split across processes
+(``rpo_lib.train``, ``rpo_lib.parallel``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +35,7 @@ from torch import Tensor
 
 from rpo_lib.data import pad_rows
 
-__all__ = ["Samples", "kv_cache_bytes", "rows_that_fit", "sample"]
+__all__ = ["Samples", "kv_cache_bytes", "row_seed", "rows_that_fit", "sample"]
 
 _FINISHED_CHECK_EVERY = 8  # tokens between checks whether every row has finished (a host read each)
 
@@ -101,11 +108,32 @@ def rows_that_fit(model: Any, tokens: int, budget_bytes: float) -> int:
     return max(1, int(budget_bytes // max(1, kv_cache_bytes(model, 1, tokens))))
 
 
-def _next_token(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """(N, V) last-position logits -> (N,) token ids (greedy at temperature 0)."""
+def row_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from whole numbers (e.g. run seed, step, example index, sample number): distinct
+    tuples give unrelated streams (numpy's ``SeedSequence`` hashing)."""
+    import numpy as np
+
+    high, low = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return ((int(high) << 32) | int(low)) & ((1 << 63) - 1)
+
+
+def _row_uniforms(seeds: Sequence[int], steps: int) -> Tensor:
+    """(N, steps) uniforms in [0, 1): row i's from its own generator seeded with ``seeds[i]``."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds])
+
+
+def _next_token(logits: Tensor, temperature: float, generator: torch.Generator | None,
+                uniforms: Tensor | None = None) -> Tensor:
+    """(N, V) last-position logits -> (N,) token ids (greedy at temperature 0). With ``uniforms`` (N,), row i's
+    token is the inverse of its cumulative distribution at ``uniforms[i]``."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if uniforms is not None:
+        cdf = probs.double().cumsum(dim=-1)
+        target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # scaled by the total: rounding leaves <= 1
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)  # slow on a GPU: pass a generator on the model's device
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
@@ -114,8 +142,10 @@ def _next_token(logits: Tensor, temperature: float, generator: torch.Generator |
 @torch.no_grad()
 def _generate(model: Any, rows: list[list[int]], *, max_new_tokens: int, temperature: float, eos_token_id: int,
               pad_token_id: int, generator: torch.Generator | None, use_cache: bool,
-              device: torch.device) -> tuple[list[list[int]], list[bool]]:
+              device: torch.device, uniforms: Tensor | None = None,
+              all_finished: Callable[[Tensor], bool] | None = None) -> tuple[list[list[int]], list[bool]]:
     """One generation loop over ``rows`` (prompt token lists); returns completions and finished flags."""
+    all_finished = all_finished or (lambda flags: bool(flags.all()))
     n, width = len(rows), max(len(p) for p in rows)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -136,14 +166,15 @@ def _generate(model: Any, rows: list[list[int]], *, max_new_tokens: int, tempera
             out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
                         use_cache=use_cache, logits_to_keep=1)
         cache = out.past_key_values if use_cache else None
-        token = _next_token(out.logits[:, -1, :], temperature, generator)
+        token = _next_token(out.logits[:, -1, :], temperature, generator,
+                            uniforms[:, t] if uniforms is not None else None)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         generated[:, t] = token
         lengths += (~finished).long()
         finished |= token == eos_token_id
         step_ids = torch.cat([step_ids, token[:, None]], dim=1)
         step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-        if (t + 1) % _FINISHED_CHECK_EVERY == 0 and bool(finished.all()):
+        if (t + 1) % _FINISHED_CHECK_EVERY == 0 and all_finished(finished):
             break
     table = torch.cat([generated, lengths[:, None], finished.long()[:, None]], dim=1).tolist()  # one read-back
     return [row[:row[-2]] for row in table], [bool(row[-1]) for row in table]
@@ -161,6 +192,8 @@ def sample(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     max_rows: int | None = None,
+    row_seeds: Sequence[int] | None = None,
+    all_finished: Callable[[Tensor], bool] | None = None,
 ) -> Samples:
     """Sample ``k`` completions for each prompt.
 
@@ -176,6 +209,11 @@ def sample(
         use_cache: False recomputes the whole sequence at every step (slow; for testing the cache).
         max_rows: at most this many rows (prompts x k) per generation loop, to bound the KV cache's memory
             (``rows_that_fit``); None: all rows in one loop.
+        row_seeds: one seed per row (``len(prompt_ids) * k``, prompt-major): each row draws from its own stream
+            (see the module docstring), so its sample does not depend on the other rows; ``generator`` is unused.
+        all_finished: ``all_finished(finished) -> bool``, asked every few tokens whether to stop. Processes that
+            run a sharded model (FSDP) must take the same number of steps: ``rpo_lib.parallel`` passes a check
+            that agrees across processes. Default: every row of this loop has finished.
     """
     if k < 1 or max_new_tokens < 1:
         raise ValueError(f"k and max_new_tokens must be >= 1; got k={k}, max_new_tokens={max_new_tokens}.")
@@ -187,6 +225,9 @@ def sample(
         raise ValueError("every prompt needs at least one token (e.g. the BOS token).")
     device = next(model.parameters()).device
     rows = [list(p) for p in prompt_ids for _ in range(k)]
+    if row_seeds is not None and len(row_seeds) != len(rows):
+        raise ValueError(f"row_seeds needs one seed per row (prompts x k = {len(rows)}); got {len(row_seeds)}.")
+    uniforms = _row_uniforms(row_seeds, max_new_tokens) if row_seeds is not None else None
     chunk = len(rows) if max_rows is None else max_rows
     completions: list[list[int]] = []
     finished: list[bool] = []
@@ -196,7 +237,9 @@ def sample(
         for start in range(0, len(rows), chunk):
             done, flags = _generate(model, rows[start:start + chunk], max_new_tokens=max_new_tokens,
                                     temperature=temperature, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                    generator=generator, use_cache=use_cache, device=device)
+                                    generator=generator, use_cache=use_cache, device=device,
+                                    uniforms=uniforms[start:start + chunk] if uniforms is not None else None,
+                                    all_finished=all_finished)
             completions += done
             finished += flags
     finally:

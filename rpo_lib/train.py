@@ -39,17 +39,24 @@ step's online samples first, in as few generation loops as the KV cache's memory
 (``online_sample_rows``), before any activation is alive; each micro-batch then backpropagates its offline
 loss before it scores its online samples, so the two never hold activations at the same time.
 
+Many processes (``rpo_lib.launch``): the same loop runs in every process; a ``parallel`` object
+(``rpo_lib.parallel``) gives each process a disjoint shard of every global batch, weights its losses by their
+share of the global batch, sums the metrics over processes and wraps the model (DDP or FSDP2), so that N
+processes compute the gradient that one process computes on the same global batch. HyPO's online samples are
+seeded per row from (seed, step, example, sample number), so they are the same whichever process draws them.
+
 The device is read back once per step: metrics stay tensors on the device, the input checks of the losses
 are recorded and verified together with them (``rpo_lib._checks.deferred_checks``), and a non-finite loss or
 gradient norm stops the run before the optimizer steps.
 
 Checkpoints (``checkpoint_dir``) are written atomically and loaded with ``weights_only=True``
 (``rpo_lib.checkpoints``). A checkpoint holds the trainable weights, optimizer, schedule, RNG states (CPU,
-CUDA, MPS, Python, NumPy, HyPO's generator), history and a description of the run: the settings, a
+CUDA, MPS, Python, NumPy), history and a description of the run: the settings, a
 fingerprint of the tokenized data and the trainable parameters' shapes. Resuming checks all three, lists
 every difference, and loads nothing unless they agree; it then reproduces the uninterrupted run exactly. An
 unreadable newest checkpoint is reported and the newest intact one is used. A new run refuses a directory
-that holds checkpoints unless told to resume or to overwrite them.
+that holds checkpoints unless told to resume or to overwrite them. With many processes the first one writes
+the whole (gathered) state, so a run can resume with another number of processes.
 """
 
 from __future__ import annotations
@@ -80,7 +87,8 @@ from rpo_lib.logprobs import completion_logprobs
 from rpo_lib.models import (REF_ADAPTER, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
                             keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
-from rpo_lib.sample import Samples, rows_that_fit, sample
+from rpo_lib.parallel import SingleProcess, shard
+from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
 
 __all__ = ["METHODS", "PRESETS", "History", "Method", "TrainConfig", "Trainer", "latest_checkpoint", "preset"]
 
@@ -403,12 +411,15 @@ class Trainer:
             adapter named ``"reference"`` if the model has one (``rpo_lib.models.load_policy(sft_adapter=...)``
             adds it), else the base model with the adapter disabled.
         evaluate: ``evaluate(trainer) -> {name: float}``, run before training, every ``eval_every`` steps and
-            at the end; its metrics go into the history (``rpo_lib.tasks.TopicTask.evaluator`` is one).
+            at the end; its metrics go into the history (``rpo_lib.tasks.TopicTask.evaluator`` is one). With
+            many processes every process runs it (a sharded model's passes need them all).
+        parallel: this process's part in a multi-process run (``rpo_lib.parallel.Distributed``, made by
+            ``rpo_lib.launch``); default: one process.
     """
 
     def __init__(self, model: Any, tokenizer: Any, rows: Iterable[Mapping[str, Any]], config: TrainConfig, *,
                  ref_model: Any = None, evaluate: Callable[[Trainer], dict[str, float]] | None = None,
-                 ref_adapter_name: str | None = None) -> None:
+                 ref_adapter_name: str | None = None, parallel: SingleProcess | None = None) -> None:
         from rpo_lib.env import device as pick_device
 
         if not isinstance(config, TrainConfig):
@@ -416,7 +427,8 @@ class Trainer:
         self.config = config
         self.tokenizer = tokenizer
         self.evaluate = evaluate
-        self.device = pick_device(config.device)
+        self.parallel = parallel or SingleProcess()
+        self.device = self.parallel.device or pick_device(config.device)
         self.model = self._place(model)
         if config.disable_dropout:
             disable_dropout(self.model)
@@ -432,7 +444,7 @@ class Trainer:
         self.examples, self.report = tokenize(rows, tokenizer, max_length=config.max_length,
                                               max_prompt_length=config.max_prompt_length,
                                               prompt_truncation=config.prompt_truncation)
-        if self.report.n_dropped or self.report.truncated:
+        if (self.report.n_dropped or self.report.truncated) and self.parallel.is_main:
             print(f"rpo_lib.train: {self.report}")  # nothing is dropped silently (rpo_lib.data)
         self.data_fingerprint = fingerprint(self.examples)
         self.history = History()
@@ -443,14 +455,15 @@ class Trainer:
         self.ref_model = self._reference(ref_model)
         if config.gradient_checkpointing and not _checkpointing_on(self.model):
             enable_checkpointing(self.model)
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.parameters:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): unfreeze "
                              "them, or add a LoRA adapter (rpo_lib.models.with_lora).")
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, betas=config.adam_betas,
-                                           weight_decay=config.weight_decay)
+        # The module gradient passes go through (a DDP wrapper, or the model sharded in place by FSDP2) and the
+        # optimizer over its trainable parameters (FSDP2 replaces them by sharded ones).
+        self.train_model, self.optimizer = self.parallel.prepare(self.model, lambda params: torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay))
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, self.config))
-        self.online_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.online_sample_rows = self._online_rows() if config.method == "hypo" else None
         self._permutation: tuple[int, list[int]] | None = None
         # A 4-bit or bf16 base with float32 adapters computes under autocast, as TRL with bf16=True does: without
@@ -504,7 +517,8 @@ class Trainer:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         free = torch.cuda.get_device_properties(index).total_memory - torch.cuda.memory_reserved(index)
         tokens = config.max_length + config.online_max_new_tokens
-        return rows_that_fit(self.model, tokens, _GPU_MEMORY_FOR_SAMPLING * free)
+        # Every process cuts its samples the same way (FSDP's passes are collective): the smallest GPU's figure.
+        return self.parallel.minimum(rows_that_fit(self.model, tokens, _GPU_MEMORY_FOR_SAMPLING * free))
 
     def _forward(self, model: Any, batch: Mapping[str, Tensor] | PackedBatch, reduction: Reduction | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
@@ -582,14 +596,21 @@ class Trainer:
         if self._ref_logps is not None or config.method == "sft" or not config.precompute_ref_logps:
             return
         size = config.precompute_ref_batch_size or 4 * (config.micro_batch_size or config.batch_size)
-        starts = range(0, len(self.examples), size)
+        # Each process scores its own block of the data (topped up to the same length), then the blocks are gathered.
+        n, ranks, rank = len(self.examples), self.parallel.world_size, self.parallel.rank
+        block = math.ceil(n / ranks)
+        mine = list(range(rank * block, min(n, (rank + 1) * block)))
+        mine += [0] * (block - len(mine))
+        starts = range(0, block, size)
         values = []
         with deferred_checks() as checks:
-            for start in tqdm(starts, desc="reference log-probs", disable=not config.progress or len(starts) < 2):
-                batch = self._to_device(self.collate(self.examples[start:start + size]))
+            for start in tqdm(starts, desc="reference log-probs",
+                              disable=not config.progress or len(starts) < 2 or not self.parallel.is_main):
+                batch = self._to_device(self.collate([self.examples[i] for i in mine[start:start + size]]))
                 values.append(self.logprobs(batch, reference=True).view(2, -1).T)
             checks.verify()
-        self._ref_logps = torch.cat(values).cpu()
+        gathered = self.parallel.gather(torch.cat(values).float()).cpu()
+        self._ref_logps = torch.cat([gathered[r * block:min(n, (r + 1) * block)] for r in range(ranks)])
 
     def _to_device(self, batch: Mapping[str, Tensor] | PackedBatch) -> Any:
         if isinstance(batch, PackedBatch):
@@ -599,29 +620,34 @@ class Trainer:
     # ------------------------------------------------------------------------------------- sampling API
     def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, k: int = 1, max_new_tokens: int = 32,
                temperature: float = 1.0, generator: torch.Generator | None = None,
-               max_rows: int | None = None, reference: bool = False) -> Samples:
+               max_rows: int | None = None, reference: bool = False,
+               row_seeds: Sequence[int] | None = None) -> Samples:
         """``k`` samples per prompt (text or token ids) from the current policy, or from ``pi_ref`` with
-        ``reference=True`` (see ``rpo_lib.sample``)."""
+        ``reference=True`` (see ``rpo_lib.sample``; ``row_seeds``: one seed per row, in place of ``generator``)."""
         prompt_ids = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
         with contextlib.ExitStack() as stack:
             model = stack.enter_context(self.reference_model()) if reference else self.model
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
                 return sample(model, prompt_ids, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                               generator=generator, eos_token_id=self.tokenizer.eos_token_id,
-                              pad_token_id=self.pad_token_id, max_rows=max_rows)
+                              pad_token_id=self.pad_token_id, max_rows=max_rows, row_seeds=row_seeds,
+                              all_finished=self.parallel.all_finished)
 
     def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
         """``(log pi(y|x), log pi_ref(y|x))`` of sampled rows, each (N,), summed over tokens, no gradients."""
         batch = samples.batch()
         return self.logprobs(batch, reduction="sum"), self.logprobs(batch, reference=True, reduction="sum")
 
-    def _online_samples(self, indices: Sequence[int]) -> Samples:
+    def _online_samples(self, indices: Sequence[int], step: int) -> Samples:
         """HyPO: ``k_online`` samples of the current policy for each prompt of ``indices``, in as few loops as
-        ``online_sample_rows`` allows, with the trainer's own generator on the model's device."""
+        ``online_sample_rows`` allows. Row ``j`` of example ``i`` at optimizer step ``step`` draws from its own
+        seed (config.seed, step, i, j): the same sample whatever the batch around it, the loop sizes or the
+        process that draws it (``rpo_lib.sample``)."""
         config = self.config
+        seeds = [row_seed(config.seed, step, i, j) for i in indices for j in range(config.k_online)]
         return self.sample([self.examples[i].prompt_ids for i in indices], k=config.k_online,
                            max_new_tokens=config.online_max_new_tokens, temperature=config.online_temperature,
-                           generator=self.online_generator, max_rows=self.online_sample_rows)
+                           max_rows=self.online_sample_rows, row_seeds=seeds)
 
     # ----------------------------------------------------------------------------------------- one step
     def _batch_indices(self, step: int) -> list[int]:
@@ -652,7 +678,7 @@ class Trainer:
         examples = [self.examples[i] for i in indices]
         if config.method == "sft":
             batch = self._to_device(self.collate(examples))
-            _, token_logps, mask = self._forward(self.model, batch)
+            _, token_logps, mask = self._forward(self.train_model, batch)
             normalization = config.sft_normalization
             loss = losses.sft_loss(token_logps, mask, normalization=normalization,
                                    token_count=token_count * share if normalization == "token_mean" else None)
@@ -667,7 +693,7 @@ class Trainer:
         else:  # before the policy's forward, so that its working set is gone when the activations are alive
             ref_logps = self.logprobs(batch, reference=True)
             ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
-        logps, token_logps, mask = self._forward(self.model, batch)
+        logps, token_logps, mask = self._forward(self.train_model, batch)
         policy_chosen, policy_rejected = logps[:b], logps[b:]
         pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         if config.method == "ipo":
@@ -685,7 +711,7 @@ class Trainer:
             raise ValueError(f"HyPO needs {config.k_online} online samples for each of the {b} prompts.")
         del logps, token_logps, mask, out, pairs, policy_chosen, policy_rejected  # the offline graph is spent
         online = samples.batch()
-        sample_logps = self._forward(self.model, online, "sum")[0]  # with gradients: the REINFORCE term
+        sample_logps = self._forward(self.train_model, online, "sum")[0]  # with gradients: the REINFORCE term
         ref_sample_logps = self.logprobs(online, reference=True, reduction="sum")
         term = losses.hypo_online_term(sample_logps.view(b, config.k_online),
                                        ref_sample_logps.view(b, config.k_online), lam=config.lam)
@@ -697,7 +723,7 @@ class Trainer:
         fresh online samples (from the trainer's generator) for these prompts."""
         indices = list(range(len(self.examples))) if indices is None else list(indices)
         token_count = float(sum(len(self._completion(self.examples[i])) for i in indices))
-        samples = self._online_samples(indices) if self.config.method == "hypo" else None
+        samples = self._online_samples(indices, self.step) if self.config.method == "hypo" else None
         terms = list(self._loss_terms(indices, 1.0, token_count, samples))
         loss = torch.stack([term for term, _ in terms]).sum()
         metrics = {key: value for _, values in terms for key, value in values.items()}
@@ -705,29 +731,37 @@ class Trainer:
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         config = self.config
-        indices = self._batch_indices(step)
+        batch = self._batch_indices(step)  # the global batch: the same on every process
         size = config.micro_batch_size or config.batch_size
-        token_count = float(sum(len(self._completion(self.examples[i])) for i in indices))
+        token_count = float(sum(len(self._completion(self.examples[i])) for i in batch))  # global: RPO, SFT
+        # This process's shard; stand-ins (weight 0) keep every process's number of passes the same.
+        indices, stand_ins = shard(batch, self.parallel.rank, self.parallel.world_size)
+        real = len(indices) - stand_ins
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
         with deferred_checks() as checks:
             # HyPO: the whole step's samples first, before any activation is alive (rpo_lib.sample sizes the loops).
-            samples = self._online_samples(indices) if config.method == "hypo" else None
-            for start in range(0, len(indices), size):
-                chunk = indices[start:start + size]
-                share = len(chunk) / len(indices)
-                part = samples.rows(start, start + len(chunk)) if samples is not None else None
-                for loss, metrics in self._loss_terms(chunk, share, token_count, part):
-                    loss.backward()
-                    totals["loss"] = totals["loss"] + loss.detach() if "loss" in totals else loss.detach()
-                    for key, value in metrics.items():
-                        totals[key] = totals[key] + share * value if key in totals else share * value
-            if config.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters
-                                                                  if p.grad is not None]))
+            samples = self._online_samples(indices, step) if config.method == "hypo" else None
+            chunks = [(start, min(start + size, real), 1.0) for start in range(0, real, size)]
+            # A process whose shard is one short may need one more pass: a stand-in, weighted 0.
+            chunks += [(real, real + 1, 0.0)] * (math.ceil(len(indices) / size) - len(chunks))
+            for number, (start, stop, weight) in enumerate(chunks):
+                chunk = indices[start:stop]
+                share = len(chunk) / len(batch)  # of the global batch
+                part = samples.rows(start, stop) if samples is not None else None
+                with self.parallel.gradient_sync(self.train_model, sync=number == len(chunks) - 1):
+                    for loss, metrics in self._loss_terms(chunk, share, token_count, part):
+                        loss = loss * weight if weight != 1 else loss
+                        self.parallel.backward(loss)
+                        totals["loss"] = totals["loss"] + loss.detach() if "loss" in totals else loss.detach()
+                        for key, value in metrics.items():
+                            value = share * weight * value
+                            totals[key] = totals[key] + value if key in totals else value
+            grad_norm = self.parallel.clip_grad_norm(self.parameters, config.max_grad_norm)
+            names = list(totals)
+            summed = self.parallel.sum(torch.stack([totals[k].float().reshape(()) for k in names]))  # one reduction
+            totals = dict(zip(names, summed.unbind(), strict=True))
             metrics_read = _read_back({**totals, "grad_norm": grad_norm}, checks)  # the step's one read-back
         for name in ("loss", "grad_norm"):
             if not math.isfinite(metrics_read[name]):
@@ -771,8 +805,8 @@ class Trainer:
         self._precompute()
         if self.step == 0 and self.evaluate is not None and not self.history:
             self.history.append({"step": 0, **self._evaluate()})
-        bar = tqdm(total=config.max_steps, initial=self.step, desc=config.method.upper(), disable=not config.progress,
-                   leave=True)
+        bar = tqdm(total=config.max_steps, initial=self.step, desc=config.method.upper(),
+                   disable=not config.progress or not self.parallel.is_main, leave=True)
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
@@ -795,7 +829,8 @@ class Trainer:
             where = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None  # as it is now
             hint = (f"The last checkpoint, {where}, is intact: trainer.train(resume=True) continues from it."
                     if where else "No checkpoint was written (set checkpoint_dir and save_every to have one).")
-            print(f"Interrupted during step {self.step + 1}. {hint}")
+            if self.parallel.is_main:
+                print(f"Interrupted during step {self.step + 1}. {hint}")
             raise
         bar.close()
         return self.history
@@ -806,8 +841,11 @@ class Trainer:
         if not directory or not checkpoints.checkpoint_files(directory):
             return
         if overwrite:
-            removed = checkpoints.remove_checkpoints(directory)
-            print(f"rpo_lib.train: deleted {len(removed)} checkpoint file(s) of an earlier run in {directory}.")
+            self.parallel.barrier()  # every process has looked before the first one deletes
+            if self.parallel.is_main:
+                removed = checkpoints.remove_checkpoints(directory)
+                print(f"rpo_lib.train: deleted {len(removed)} checkpoint file(s) of an earlier run in {directory}.")
+            self.parallel.barrier()
             return
         newest = latest_checkpoint(directory)
         raise FileExistsError(
@@ -832,7 +870,24 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- checkpoints
     def _trainable_state(self) -> dict[str, Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+        """The trainable tensors, whole (gathered from every process where they are sharded), on the CPU."""
+        return {name: self.parallel.full(p.detach()).cpu().clone() for name, p in self.model.named_parameters()
+                if p.requires_grad}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with every sharded tensor gathered whole: the same on any process count."""
+        state = self.optimizer.state_dict()
+        state["state"] = {index: {key: self.parallel.full(value).cpu() if isinstance(value, Tensor) else value
+                                  for key, value in entry.items()} for index, entry in state["state"].items()}
+        return state
+
+    def _load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Load a whole optimizer state; where parameters are sharded, keep this process's parts."""
+        params = self.parameters
+        local = {index: {key: self.parallel.local(value, params[int(index)])
+                         if isinstance(value, Tensor) and value.shape == params[int(index)].shape else value
+                         for key, value in entry.items()} for index, entry in state["state"].items()}
+        self.optimizer.load_state_dict({**state, "state": local})
 
     def _run_description(self) -> dict[str, Any]:
         """What makes a run this run: its settings, its data and the shapes of what it trains."""
@@ -842,7 +897,9 @@ class Trainer:
         return {"config": settings, "data": self.data_fingerprint, "trainable": shapes}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Write a checkpoint atomically (``rpo_lib.checkpoints``); keep the newest ``keep_checkpoints``."""
+        """Write a checkpoint atomically (``rpo_lib.checkpoints``); keep the newest ``keep_checkpoints``.
+
+        With many processes every process must call it (sharded tensors are gathered); the first one writes."""
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no checkpoint_dir in the config: pass a path or set checkpoint_dir.")
@@ -851,19 +908,21 @@ class Trainer:
             "format": checkpoints.FORMAT,
             "step": self.step,
             "weights": self._trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "history": [dict(row) for row in self.history],
             "seconds": self.seconds,
-            "online_generator": self.online_generator.get_state(),
             "online_sample_rows": self.online_sample_rows,
             "rng": _rng_state(),
             "run": self._run_description(),
             "ref_logps": self._ref_logps,
         }
-        path = checkpoints.write_atomic(state, path)
-        if self.config.checkpoint_dir and path.parent.resolve() == Path(self.config.checkpoint_dir).resolve():
-            checkpoints.rotate(path.parent, self.config.keep_checkpoints)
+        path = Path(path)
+        if self.parallel.is_main:
+            checkpoints.write_atomic(state, path)
+            if self.config.checkpoint_dir and path.parent.resolve() == Path(self.config.checkpoint_dir).resolve():
+                checkpoints.rotate(path.parent, self.config.keep_checkpoints)
+        self.parallel.barrier()  # nobody goes on (or reads it) before it is written
         return path
 
     def _differences(self, state: Mapping[str, Any]) -> list[str]:
@@ -910,7 +969,7 @@ class Trainer:
             if not self.config.checkpoint_dir:
                 raise ValueError("resume=True needs config.checkpoint_dir (or pass resume=<checkpoint file>).")
             path, state, skipped = checkpoints.newest_readable(self.config.checkpoint_dir)
-            for error in skipped:
+            for error in skipped if self.parallel.is_main else ():
                 print(f"rpo_lib.train: skipping {error.path.name}: {error.problem} Resuming from {path.name}, the "
                       f"newest intact checkpoint, instead.")
         else:
@@ -928,18 +987,17 @@ class Trainer:
             raise ValueError(f"{path}: its weights do not match its own description of the run (damaged file?); "
                              f"nothing was loaded.")
         saved_steps = state["run"]["config"].get("max_steps")
-        if saved_steps != self.config.max_steps:
+        if saved_steps != self.config.max_steps and self.parallel.is_main:
             print(f"rpo_lib.train: the checkpoint's run had max_steps={saved_steps}; this one has "
                   f"{self.config.max_steps}, and its learning-rate schedule follows the new length.")
         with torch.no_grad():
             for name, parameter in trainable.items():
-                parameter.copy_(weights[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+                parameter.copy_(self.parallel.local(weights[name], parameter))
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = History(state["history"])
         self.step = int(state["step"])
         self.seconds = float(state["seconds"])
-        self.online_generator.set_state(state["online_generator"])
         if self.config.online_sample_rows is None and state.get("online_sample_rows") is not None:
             self.online_sample_rows = int(state["online_sample_rows"])  # cut the samples as the run did
         _set_rng_state(state["rng"])

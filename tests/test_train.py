@@ -402,7 +402,7 @@ def test_hypo_scores_online_samples_by_their_summed_log_probs(reference, pairs, 
                       ref_model=model)
     seen = {}
     draw, online_term = trainer._online_samples, train_module.losses.hypo_online_term
-    trainer._online_samples = lambda indices: seen.setdefault("samples", draw(indices))
+    trainer._online_samples = lambda indices, step: seen.setdefault("samples", draw(indices, step))
 
     def record(logps, ref, lam):
         seen["args"] = (logps, ref)
