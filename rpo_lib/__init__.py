@@ -14,6 +14,8 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.data``      datasets by id or file (schema adapters) -> checked, tokenized examples; drops counted.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
 - ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
+- ``rpo_lib.parallel``  a process's part in a multi-process run: its shard, the reductions, DDP or FSDP2.
+- ``rpo_lib.launch``    the trainer on many processes, GPUs or machines (accelerate); ``rpo_lib.launch(config, ...)``.
 - ``rpo_lib.evaluation`` a trained policy against its reference: reward-model win rate, KL to the reference.
 - ``rpo_lib.checkpoints`` the trainer's checkpoint files: atomic writes, safe loading, discovery by step.
 - ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
@@ -32,7 +34,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "logprobs", "losses",
-           "memory", "models", "packing", "papers", "plotting", "sample", "tasks", "train"]
+           "launch", "memory", "models", "packing", "papers", "parallel", "plotting", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -188,16 +188,21 @@ def launch_device() -> torch.device:
     return device()
 
 
-def quantization_config(quantization: Quantization | None, compute_dtype: torch.dtype) -> Any:
+def quantization_config(quantization: Quantization | None, compute_dtype: torch.dtype, *,
+                        shardable: bool = False) -> Any:
     """The ``BitsAndBytesConfig`` of QLoRA: NF4 with double quantisation and ``compute_dtype`` matmuls, or
-    LLM.int8(); ``None`` for no quantisation. The output head stays unquantised (bitsandbytes' default)."""
+    LLM.int8(); ``None`` for no quantisation. The output head stays unquantised (bitsandbytes' default).
+
+    ``shardable=True`` stores the packed 4-bit values in ``compute_dtype`` instead of bytes (the same bits,
+    viewed as floats): FSDP can then cut them into shards like any other float tensor (``rpo_lib.parallel``)."""
     if quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8)
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be 'nf4', 'int8' or None; got {quantization!r}.")
@@ -243,7 +248,7 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
                 gradient_checkpointing: bool = True, attn_implementation: str = "sdpa",
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 tokenizer: str | os.PathLike | None = None, trust_remote_code: bool = False,
-                revision: str | None = None) -> tuple[Any, Any]:
+                revision: str | None = None, shardable: bool = False) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face causal LM, ready for preference training on one device.
 
     Args:
@@ -263,6 +268,8 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
         tokenizer: where the tokenizer is, if not beside the model.
         trust_remote_code: run code shipped with the model (off: only architectures transformers knows).
         revision: a hub branch, tag or commit, to pin what is downloaded.
+        shardable: 4-bit weights stored so that FSDP can shard them (``quantization_config``); ``rpo_lib.launch``
+            sets it under ``strategy="fsdp"``.
 
     The tokenizer's pad token falls back to its EOS token (preference batches are packed or masked, so the pad
     token is never scored).
@@ -276,7 +283,7 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
                          f"quantization=None for full fine-tuning.")
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "use_safetensors": True,
                               "trust_remote_code": trust_remote_code, "revision": revision}
-    bnb = quantization_config(quantization, dtype)
+    bnb = quantization_config(quantization, dtype, shardable=shardable)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": place.index if place.type == "cuda" and place.index is not None else str(place)}

@@ -40,10 +40,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "shard"]
+__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model", "shard"]
 
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+
+
+def check_strategy(strategy: str) -> None:
+    """Raise, saying what to use instead, unless ``strategy`` is one this module runs."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {strategy!r}.")
+    if strategy == "deepspeed":
+        raise NotImplementedError(
+            "strategy='deepspeed' is not supported yet: DeepSpeed's engine runs its own gradient accumulation and "
+            "optimizer step, which would be a second training loop. Use strategy='fsdp' (FSDP2 shards parameters, "
+            "gradients and optimizer state, as ZeRO-3 does) or 'ddp'.")
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> tuple[list[int], int]:
@@ -122,13 +133,7 @@ class Distributed(SingleProcess):
     """
 
     def __init__(self, accelerator: Any, strategy: Strategy = "ddp") -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {strategy!r}.")
-        if strategy == "deepspeed":
-            raise NotImplementedError(
-                "strategy='deepspeed' is not supported yet: DeepSpeed's engine runs its own accumulation and "
-                "optimizer step, which would be a second training loop. Use strategy='fsdp' (ZeRO-3's sharding of "
-                "parameters, gradients and optimizer state) or 'ddp'.")
+        check_strategy(strategy)
         self.accelerator = accelerator
         self.strategy = strategy
         self.rank = int(accelerator.process_index)

@@ -1005,6 +1005,14 @@ class Trainer:
         return path
 
     def save_model(self, directory: str | os.PathLike) -> None:
-        """``save_pretrained`` of the model (the adapter only, for PEFT) and the tokenizer."""
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        """``save_pretrained`` of the model (the trained adapter only, for PEFT) and the tokenizer.
+
+        With many processes every process must call it (sharded weights are gathered); the first one writes."""
+        peft = _is_peft(self.model)
+        state = self._trainable_state() if peft else {
+            name: self.parallel.full(value.detach()).cpu() for name, value in self.model.state_dict().items()}
+        if self.parallel.is_main:
+            options = {"selected_adapters": [self.model.active_adapter]} if peft else {}
+            self.model.save_pretrained(directory, state_dict=state, **options)
+            self.tokenizer.save_pretrained(directory)
+        self.parallel.barrier()

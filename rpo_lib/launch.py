@@ -1,0 +1,463 @@
+"""Train on many processes, GPUs or machines: ``rpo_lib.train``'s one loop, started by ``accelerate launch``.
+
+From a notebook::
+
+    import rpo_lib.launch
+    result = rpo_lib.launch(config, model="HuggingFaceH4/mistral-7b-sft-beta",
+                            data="HuggingFaceH4/ultrafeedback_binarized", output_dir="runs/rpo",
+                            quantization="nf4", num_processes=4, strategy="fsdp")
+    result.history.series("loss")          # the merged history: every metric summed over the processes
+    result.adapter_dir                     # the trained adapter, saved once
+
+From a shell (the same options; ``python -m rpo_lib.launch --help`` lists them)::
+
+    python -m rpo_lib.launch --model HuggingFaceH4/mistral-7b-sft-beta \\
+        --data HuggingFaceH4/ultrafeedback_binarized --preset qlora_7b --set method=rpo \\
+        --quantization nf4 --num-processes 8 --strategy fsdp --output-dir runs/rpo
+
+On several machines run the same command on each, with ``--num-machines``, ``--machine-rank``,
+``--main-address`` and ``--main-port`` (the README has a SLURM script). ``--num-processes`` counts the
+processes of all machines together, as accelerate does.
+
+What happens. The job (model, data, settings) is written to ``<output_dir>/job.json``; ``accelerate launch``
+(torchrun underneath: one process per GPU, or per CPU slot with ``--multi_gpu`` and gloo) starts this module
+in every process with ``--worker``; each process loads the model onto its own device, tokenizes the data,
+and runs ``Trainer.train`` with a ``rpo_lib.parallel.Distributed`` part (its shard of every batch, the
+reductions, the DDP or FSDP2 wrapping). The first process writes the checkpoints (whole, so a run resumes on
+another number of processes), ``history.json`` and the adapter (``<output_dir>/adapter``).
+
+Faults. A process that raises writes its traceback to ``<output_dir>/errors/rank<r>.txt`` and exits non-zero;
+torchrun then stops the others, and ``launch`` raises ``LaunchError`` with the first failure's traceback (or,
+for a process killed by a signal, torchrun's report). The launcher's whole process group is killed on the way
+out, so no process outlives a launch; checkpoints are written atomically, so the last one survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rpo_lib.models import LoraSettings
+from rpo_lib.parallel import STRATEGIES, Strategy, check_strategy
+from rpo_lib.train import History, TrainConfig, preset
+
+__all__ = ["Job", "LaunchError", "LaunchResult", "command", "launch", "main", "run_job"]
+
+JOB_FILE = "job.json"
+HISTORY_FILE = "history.json"
+RESULT_FILE = "result.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a process needs to build and run the training job (it is written to JSON for them).
+
+    Attributes:
+        model: a hub id or a local model directory (``rpo_lib.models.load_policy``).
+        data: a dataset id or file (``rpo_lib.data.load_preferences``; for ``method="sft"`` a .jsonl/.json of SFT
+            rows), or the rows themselves (a list of dicts, written into the job file).
+        config: the ``TrainConfig``; its ``checkpoint_dir`` defaults to ``<output_dir>/checkpoints``.
+        output_dir: where the job, logs, errors, checkpoints, history and adapter go.
+        strategy: ``"ddp"`` or ``"fsdp"`` (``rpo_lib.parallel``).
+        split, schema, limit: passed to ``load_preferences``.
+        quantization, lora, sft_adapter, dtype, attn_implementation: passed to ``load_policy`` (``dtype`` by name,
+            e.g. ``"bfloat16"``; ``lora=None`` trains every weight).
+        resume, overwrite: passed to ``Trainer.train``.
+        collective_timeout_s: how long a process waits in a collective for the others before it fails.
+    """
+
+    model: str
+    data: str | list[dict[str, Any]]
+    config: TrainConfig
+    output_dir: str
+    strategy: Strategy = "ddp"
+    split: str | None = None
+    schema: str | None = None
+    limit: int | None = None
+    quantization: str | None = None
+    lora: LoraSettings | None = LoraSettings()
+    sft_adapter: str | None = None
+    dtype: str | None = None
+    attn_implementation: str = "sdpa"
+    resume: bool = False
+    overwrite: bool = False
+    collective_timeout_s: float = 1800.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["config"] = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in out["config"].items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Job:
+        values = dict(data)
+        config = dict(values["config"])
+        config["adam_betas"] = tuple(config["adam_betas"])
+        values["config"] = TrainConfig(**config)
+        if values.get("lora") is not None:
+            lora = dict(values["lora"])
+            if isinstance(lora["target_modules"], list):
+                lora["target_modules"] = tuple(lora["target_modules"])
+            values["lora"] = LoraSettings(**lora)
+        return cls(**values)
+
+
+@dataclass
+class LaunchResult:
+    """What a launch brings back: the merged history, where the adapter and the logs are, how long it took."""
+
+    history: History
+    adapter_dir: Path
+    output_dir: Path
+    log: Path
+    seconds: float
+    num_processes: int
+    strategy: str
+    info: dict[str, Any] = field(default_factory=dict)  # the first process's result.json
+
+
+class LaunchError(RuntimeError):
+    """A launch that failed: ``returncode``, the failing ``rank`` (None if unknown), its ``traceback`` text, the
+    ``log`` file of the whole launch."""
+
+    def __init__(self, message: str, *, returncode: int, rank: int | None, traceback_text: str, log: Path) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.rank = rank
+        self.traceback = traceback_text
+        self.log = log
+
+
+# ------------------------------------------------------------------------------------------- the launcher
+def command(job_file: str | os.PathLike, *, num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
+            main_address: str | None = None, main_port: int | None = None) -> list[str]:
+    """The ``accelerate launch`` command that runs ``job_file`` (what ``launch`` runs; print it to see it)."""
+    if num_processes < 1 or num_machines < 1 or num_processes % num_machines:
+        raise ValueError(f"num_processes (all machines together) must be a positive multiple of num_machines; got "
+                         f"{num_processes} processes on {num_machines} machine(s).")
+    if not 0 <= machine_rank < num_machines:
+        raise ValueError(f"machine_rank must lie in [0, {num_machines}); got {machine_rank}.")
+    if num_machines > 1 and not main_address:
+        raise ValueError("several machines need main_address (the first machine's host name or IP) and a main_port.")
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+            "--num_machines", str(num_machines), "--machine_rank", str(machine_rank), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--max_restarts", "0", "--monitor_interval", "0.5"]
+    if num_processes > 1 or num_machines > 1:
+        args.append("--multi_gpu")  # the torchrun path, GPUs or not (on a CPU each process uses gloo)
+    if main_address:
+        args += ["--main_process_ip", main_address]
+    if main_port:
+        args += ["--main_process_port", str(main_port)]
+    return args + ["-m", "rpo_lib.launch", "--worker", os.fspath(job_file)]
+
+
+def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.PathLike | Sequence[Mapping[str, Any]],
+           output_dir: str | os.PathLike, num_processes: int = 1, strategy: Strategy = "ddp",
+           split: str | None = None, schema: str | None = None, limit: int | None = None,
+           quantization: str | None = None, lora: LoraSettings | None = LoraSettings(),
+           sft_adapter: str | os.PathLike | None = None, dtype: str | None = None, attn_implementation: str = "sdpa",
+           resume: bool = False, overwrite: bool = False, num_machines: int = 1, machine_rank: int = 0,
+           main_address: str | None = None, main_port: int | None = None, timeout_s: float | None = None,
+           collective_timeout_s: float = 1800.0, echo: bool = True, env: Mapping[str, str] | None = None
+           ) -> LaunchResult:
+    """Run ``config``'s training job in ``num_processes`` processes and wait for it; see the module docstring.
+
+    Args:
+        config: the run's settings; ``batch_size`` is the *global* batch (split across the processes), so the
+            same config gives the same run on any number of processes.
+        model, data, split, schema, limit, quantization, lora, sft_adapter, dtype, attn_implementation: see ``Job``.
+        output_dir: the run's directory (``job.json``, ``launch.log``, ``checkpoints/``, ``history.json``, ``adapter/``).
+        num_processes: processes of all machines together (one per GPU; on a CPU, one per core you give it).
+        strategy: ``"ddp"`` (every GPU holds the model) or ``"fsdp"`` (parameters, gradients and optimizer state
+            sharded: FSDP2). ``"deepspeed"`` is refused with a message (see ``rpo_lib.parallel``).
+        resume: continue from the newest checkpoint in ``config.checkpoint_dir`` (any number of processes).
+        overwrite: delete the checkpoints of an earlier run there first.
+        num_machines, machine_rank, main_address, main_port: for several machines (run the same call on each).
+        timeout_s: stop the whole launch after this long (``LaunchError``); None: no limit.
+        collective_timeout_s: how long a process waits for the others in a collective.
+        echo: print the processes' output as it comes (it always goes to ``<output_dir>/launch.log``).
+        env: extra environment variables for the processes.
+
+    Raises:
+        LaunchError: a process failed (its traceback is in the message), or the launch ran past ``timeout_s``.
+    """
+    check_strategy(strategy)
+    out = Path(output_dir).resolve()
+    if config.checkpoint_dir is None:
+        config = dataclasses.replace(config, checkpoint_dir=str(out / "checkpoints"))
+    rows = data if isinstance(data, (str, os.PathLike)) else [dict(row) for row in data]
+    job = Job(model=os.fspath(model), data=os.fspath(rows) if isinstance(rows, (str, os.PathLike)) else rows,
+              config=config, output_dir=str(out), strategy=strategy, split=split, schema=schema, limit=limit,
+              quantization=quantization, lora=lora, sft_adapter=os.fspath(sft_adapter) if sft_adapter else None,
+              dtype=dtype, attn_implementation=attn_implementation, resume=resume, overwrite=overwrite,
+              collective_timeout_s=collective_timeout_s)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / HISTORY_FILE, out / RESULT_FILE, *(out / "errors").glob("rank*.txt"),
+                  *(out / "pids").glob("rank*")]:
+        stale.unlink(missing_ok=True)
+    job_file = out / JOB_FILE
+    job_file.write_text(json.dumps(job.to_json(), indent=1))
+    args = command(job_file, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                   main_address=main_address, main_port=main_port)
+    log = out / "launch.log"
+    started = time.perf_counter()
+    returncode = _run(args, log, echo=echo, timeout_s=timeout_s,
+                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    seconds = time.perf_counter() - started
+    if returncode != 0:
+        raise _failure(out, log, returncode, timeout_s if returncode == _TIMED_OUT else None)
+    if machine_rank != 0:  # the first machine's first process writes the results
+        return LaunchResult(History(), out / ADAPTER_DIR, out, log, seconds, num_processes, strategy)
+    history = History(json.loads((out / HISTORY_FILE).read_text()))
+    info = json.loads((out / RESULT_FILE).read_text())
+    return LaunchResult(history, out / ADAPTER_DIR, out, log, seconds, num_processes, strategy, info)
+
+
+_TIMED_OUT = -1000
+
+
+def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env: Mapping[str, str]) -> int:
+    """Run ``args`` in a new process group, copying its output to ``log`` (and the screen); whatever happens, kill
+    the group on the way out, so that no process of the launch survives it."""
+    import selectors
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with open(log, "w") as sink:
+        sink.write("$ " + shlex.join(args) + "\n")
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env),
+                                   start_new_session=True)
+        assert process.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if wait == 0.0:
+                    return _TIMED_OUT
+                if selector.select(timeout=min(wait, 1.0) if wait is not None else 1.0):
+                    chunk = process.stdout.read1(65536)  # type: ignore[attr-defined]
+                    if not chunk:
+                        break
+                    text = chunk.decode(errors="replace")
+                    sink.write(text)
+                    sink.flush()
+                    if echo:
+                        print(text, end="", flush=True)
+            return process.wait()
+        finally:
+            selector.close()
+            _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def _failure(out: Path, log: Path, returncode: int, timeout_s: float | None) -> LaunchError:
+    """The error of a failed launch: the earliest traceback a process wrote, else torchrun's report."""
+    if timeout_s is not None:
+        return LaunchError(f"the launch ran past timeout_s={timeout_s} s and was stopped (every process killed). "
+                           f"Its output: {log}", returncode=returncode, rank=None, traceback_text="", log=log)
+    reports = []
+    for path in (out / "errors").glob("rank*.txt"):
+        when, _, text = path.read_text().partition("\n")
+        reports.append((float(when), int(path.stem[4:]), text))
+    if reports:
+        _, rank, text = min(reports)
+        others = sorted(r for _, r, _ in reports if r != rank)
+        also = f" (then rank(s) {others}, which lost it)" if others else ""
+        return LaunchError(f"rank {rank} failed{also}; exit status {returncode}. Its traceback:\n\n{text}\n"
+                           f"The whole output: {log}", returncode=returncode, rank=rank, traceback_text=text, log=log)
+    lines = log.read_text(errors="replace").splitlines()
+    report = "\n".join(lines[-40:])
+    rank = None
+    for line in lines:
+        if line.strip().startswith("rank") and "local_rank" in line:
+            rank = int(line.split(":")[1].split("(")[0])
+            break
+    return LaunchError(f"a process ended without a Python traceback (killed by a signal, or out of memory); exit "
+                       f"status {returncode}. The launcher's report:\n{report}\nThe whole output: {log}",
+                       returncode=returncode, rank=rank, traceback_text="", log=log)
+
+
+# ------------------------------------------------------------------------------------- inside a process
+def _rows(job: Job) -> Any:
+    from rpo_lib.data import load_preferences
+
+    if not isinstance(job.data, str):
+        return job.data
+    if job.config.method == "sft":
+        import datasets
+
+        return datasets.load_dataset("json", data_files=job.data, split="train")
+    return load_preferences(job.data, split=job.split, schema=job.schema, limit=job.limit)
+
+
+def run_job(job: Job) -> None:
+    """One process's part of ``job``: set up accelerate, load, train, and (first process) save the results."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from rpo_lib.models import load_policy
+    from rpo_lib.parallel import Distributed
+    from rpo_lib.train import Trainer
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=timedelta(seconds=job.collective_timeout_s))])
+    parallel = Distributed(accelerator, job.strategy)
+    out = Path(job.output_dir)
+    torch.manual_seed(job.config.seed)  # every process starts the adapter from the same draw
+    dtype = getattr(torch, job.dtype) if job.dtype else None
+    model, tokenizer = load_policy(job.model, quantization=job.quantization, lora=job.lora,  # type: ignore[arg-type]
+                                   sft_adapter=job.sft_adapter,
+                                   gradient_checkpointing=job.config.gradient_checkpointing,
+                                   attn_implementation=job.attn_implementation, dtype=dtype, device=parallel.device,
+                                   shardable=job.strategy == "fsdp" and parallel.world_size > 1)
+    trainer = Trainer(model, tokenizer, _rows(job), job.config, parallel=parallel)
+    started = time.perf_counter()
+    history = trainer.train(resume=job.resume, overwrite=job.overwrite)
+    seconds = time.perf_counter() - started
+    trainer.save_model(out / ADAPTER_DIR)
+    if parallel.is_main:
+        (out / HISTORY_FILE).write_text(json.dumps(list(history)))
+        (out / RESULT_FILE).write_text(json.dumps({
+            "world_size": parallel.world_size, "strategy": job.strategy, "steps": trainer.step,
+            "train_seconds": seconds, "device": str(parallel.device), "examples": len(trainer.examples)}))
+    parallel.barrier()
+    parallel.finish()
+
+
+def _worker(job_file: str) -> None:
+    """A process's entry: run the job; on an error write the traceback where the launcher looks, and re-raise."""
+    job = Job.from_json(json.loads(Path(job_file).read_text()))
+    out = Path(job.output_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    (out / "pids").mkdir(exist_ok=True)
+    (out / "pids" / f"rank{rank}").write_text(str(os.getpid()))
+    try:
+        run_job(job)
+    except BaseException:
+        (out / "errors").mkdir(exist_ok=True)
+        (out / "errors" / f"rank{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain word: a method, a schedule, a path
+
+
+def config_from_args(preset_name: str, config_file: str | None, settings: Sequence[str]) -> TrainConfig:
+    """A ``TrainConfig`` from a preset, then a JSON file of fields, then ``name=value`` settings."""
+    changes: dict[str, Any] = json.loads(Path(config_file).read_text()) if config_file else {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants name=value (e.g. --set beta=0.1); got {item!r}.")
+        changes[name.strip()] = _value(text.strip())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise SystemExit(f"no TrainConfig field(s) {unknown}; the fields are {sorted(names)}.")
+    if "adam_betas" in changes:
+        changes["adam_betas"] = tuple(changes["adam_betas"])
+    return preset(preset_name, **changes)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rpo_lib.launch", description=(
+        "Train with rpo_lib.train on many processes, GPUs or machines (accelerate launch underneath)."))
+    p.add_argument("--model", required=True, help="hub id or local directory of the (SFT) model")
+    p.add_argument("--data", required=True, help="dataset id or file (see rpo_lib.data.load_preferences)")
+    p.add_argument("--output-dir", required=True, help="the run's directory")
+    p.add_argument("--preset", default="tiny", help="starting settings: a key of rpo_lib.train.PRESETS")
+    p.add_argument("--config", help="a JSON file of TrainConfig fields, applied after the preset")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a TrainConfig field, applied last (repeatable): --set method=rpo --set beta=0.01")
+    p.add_argument("--num-processes", type=int, default=1, help="processes of all machines together")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--main-address", help="the first machine's host name or IP (several machines)")
+    p.add_argument("--main-port", type=int, help="a free port on the first machine (several machines)")
+    p.add_argument("--split")
+    p.add_argument("--schema")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--quantization", choices=["nf4", "int8"], help="default: none")
+    p.add_argument("--lora-r", type=int, default=16, help="0: no adapter, train every weight")
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--sft-adapter", help="a saved SFT adapter: the start and the reference")
+    p.add_argument("--dtype", help="e.g. bfloat16 (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run's checkpoints first")
+    p.add_argument("--timeout", type=float, help="stop the launch after this many seconds")
+    p.add_argument("--print-command", action="store_true", help="print the accelerate command and stop")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        _worker(argv[1])
+        return 0
+    args = parser().parse_args(argv)
+    config = config_from_args(args.preset, args.config, args.set)
+    options = {"num_processes": args.num_processes, "num_machines": args.num_machines,
+               "machine_rank": args.machine_rank, "main_address": args.main_address, "main_port": args.main_port}
+    if args.print_command:
+        print(shlex.join(command(Path(args.output_dir).resolve() / JOB_FILE, **options)))
+        return 0
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora_r > 0 else None
+    try:
+        result = launch(config, model=args.model, data=args.data, output_dir=args.output_dir,
+                        strategy=args.strategy, split=args.split, schema=args.schema, limit=args.limit,
+                        quantization=args.quantization, lora=lora, sft_adapter=args.sft_adapter, dtype=args.dtype,
+                        attn_implementation=args.attn_implementation, resume=args.resume, overwrite=args.overwrite,
+                        timeout_s=args.timeout, **options)
+    except LaunchError as error:
+        print(f"\nrpo_lib.launch: {error}", file=sys.stderr)
+        return error.returncode if error.returncode > 0 else 1
+    if result.history:
+        last = result.history[-1]
+        print(f"\nrpo_lib.launch: {int(last['step'])} steps on {args.num_processes} process(es) in "
+              f"{result.seconds:.0f} s; final loss {last['loss']:.4f}; adapter in {result.adapter_dir}")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``rpo_lib.launch(...)`` calls ``rpo_lib.launch.launch(...)``: the module is the function's namespace."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> LaunchResult:
+        return launch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
