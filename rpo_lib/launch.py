@@ -272,31 +272,50 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def _signalled(log_text: str) -> list[tuple[int, int]]:
+    """``(rank, signal)`` of every process torchrun reports killed by a signal other than its own SIGTERM (the
+    one it sends to the survivors of a failure)."""
+    import re
+
+    found = []
+    for rank, code in re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log_text):
+        if int(code) < 0 and int(code) != -signal.SIGTERM:
+            found.append((int(rank), -int(code)))
+    return sorted(set(found))
+
+
 def _failure(out: Path, log: Path, returncode: int, timeout_s: float | None) -> LaunchError:
-    """The error of a failed launch: the earliest traceback a process wrote, else torchrun's report."""
+    """The error of a failed launch. A process killed by a signal (SIGKILL, the out-of-memory killer) is the cause
+    when there is one; otherwise the earliest traceback a process wrote (the others then lost it)."""
     if timeout_s is not None:
         return LaunchError(f"the launch ran past timeout_s={timeout_s} s and was stopped (every process killed). "
                            f"Its output: {log}", returncode=returncode, rank=None, traceback_text="", log=log)
+    text = log.read_text(errors="replace")
     reports = []
     for path in (out / "errors").glob("rank*.txt"):
-        when, _, text = path.read_text().partition("\n")
-        reports.append((float(when), int(path.stem[4:]), text))
+        when, _, trace = path.read_text().partition("\n")
+        reports.append((float(when), int(path.stem[4:]), trace))
+    killed = _signalled(text)
+    if killed:
+        rank, number = killed[0]
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        also = sorted({r for _, r, _ in reports} - {rank})
+        then = f" Rank(s) {also} then failed, having lost it." if also else ""
+        report = "\n".join(text.splitlines()[-25:])
+        return LaunchError(f"rank {rank} was killed by signal {number} ({name}) and ended without a Python "
+                           f"traceback (killed from outside, or by the out-of-memory killer); exit status "
+                           f"{returncode}.{then} The launcher's report:\n{report}\nThe whole output: {log}",
+                           returncode=returncode, rank=rank, traceback_text="", log=log)
     if reports:
-        _, rank, text = min(reports)
+        _, rank, trace = min(reports)
         others = sorted(r for _, r, _ in reports if r != rank)
         also = f" (then rank(s) {others}, which lost it)" if others else ""
-        return LaunchError(f"rank {rank} failed{also}; exit status {returncode}. Its traceback:\n\n{text}\n"
-                           f"The whole output: {log}", returncode=returncode, rank=rank, traceback_text=text, log=log)
-    lines = log.read_text(errors="replace").splitlines()
-    report = "\n".join(lines[-40:])
-    rank = None
-    for line in lines:
-        if line.strip().startswith("rank") and "local_rank" in line:
-            rank = int(line.split(":")[1].split("(")[0])
-            break
-    return LaunchError(f"a process ended without a Python traceback (killed by a signal, or out of memory); exit "
-                       f"status {returncode}. The launcher's report:\n{report}\nThe whole output: {log}",
-                       returncode=returncode, rank=rank, traceback_text="", log=log)
+        return LaunchError(f"rank {rank} failed{also}; exit status {returncode}. Its traceback:\n\n{trace}\n"
+                           f"The whole output: {log}", returncode=returncode, rank=rank, traceback_text=trace, log=log)
+    report = "\n".join(text.splitlines()[-40:])
+    return LaunchError(f"the launch failed (exit status {returncode}) before any process wrote a traceback. Its "
+                       f"output ends:\n{report}\nThe whole output: {log}", returncode=returncode, rank=None,
+                       traceback_text="", log=log)
 
 
 # ------------------------------------------------------------------------------------- inside a process

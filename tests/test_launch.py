@@ -1,0 +1,250 @@
+"""rpo_lib.launch and rpo_lib.parallel: N processes compute what one process computes, resume across process
+counts, and fail cleanly. Real launches: ``accelerate launch --multi_gpu`` with 2 CPU processes on gloo, the
+same code path as on GPUs. Each launch takes about 8-10 s on a 2-core CPU (two interpreters importing torch).
+
+Tolerances. Two processes add the same numbers in another order (a gradient all-reduce, a sum of metrics), so
+results agree to rounding, not bitwise: metrics to a relative 1e-5 or an absolute 1e-5 (measured: 1e-7 relative;
+HyPO's online KL, a difference of summed log-probs of size 10-20, differs by 1.1e-6), adapter weights to
+5e-6 absolute after 4 AdamW steps at learning rate 5e-3 (measured: at most 3.5e-7, on weights of size 0.1;
+AdamW divides by the gradients' root mean square, which carries rounding differences of small gradients into
+the update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpo_lib import checkpoints
+from rpo_lib.parallel import shard
+from rpo_lib.train import preset
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "samples" / "ultrafeedback_binarized.jsonl"
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 5e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from rpo_lib.data import load_preferences
+    from rpo_lib.models import tiny_checkpoint
+
+    rows = list(load_preferences(DATA))
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny", [json.dumps(r) for r in rows])
+
+
+def _config(method: str, **changes):
+    # batch 5 of 11-12 pairs: shards of 3 and 2 (one process runs a stand-in pass), and epoch-end batches of 2
+    # and 1 (a process with no pair of its own).
+    base = {"method": method, "batch_size": 5, "micro_batch_size": 2, "max_steps": 4, "max_length": 96,
+            "warmup_steps": 0, "lr_schedule": "constant", "learning_rate": 5e-3, "progress": False,
+            "k_online": 2, "online_max_new_tokens": 8}
+    if method == "rpo":
+        base.update(rpo_variant="trl", sft_weight=1.0)  # the token-mean SFT term: its normalisation is global
+    return preset("tiny", **{**base, **changes})
+
+
+CASES = {  # method -> (config changes, rows)
+    "dpo": ({"precompute_ref_logps": True}, 11),  # the reference table scored in blocks and gathered
+    "rpo": ({}, None),
+    "hypo": ({}, None),
+}
+
+_runs: dict[tuple, object] = {}
+
+
+def _launch(tiny_model, tmp_path_factory, method, processes, strategy, **changes):
+    import rpo_lib.launch
+
+    key = (method, processes, strategy, tuple(sorted(changes.items())))
+    if key not in _runs:
+        extra, limit = CASES[method]
+        out = tmp_path_factory.mktemp(f"{method}-{processes}-{strategy}")
+        _runs[key] = rpo_lib.launch(_config(method, **{**extra, **changes}), model=tiny_model, data=DATA,
+                                    limit=limit, output_dir=out, num_processes=processes, strategy=strategy,
+                                    lora=_lora(), echo=False, timeout_s=300)
+    return _runs[key]
+
+
+def _lora():
+    from rpo_lib.models import LoraSettings
+
+    return LoraSettings(r=4, alpha=8)
+
+
+def _adapter(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def _assert_same_run(one, two):
+    assert [row["step"] for row in one.history] == [row["step"] for row in two.history]
+    for key in sorted(set(one.history[0]) - {"step", "lr", "epoch"}):
+        a, b = one.history.series(key)[1], two.history.series(key)[1]
+        assert a == pytest.approx(b, rel=LOSS_RTOL, abs=LOSS_ATOL), key
+    weights_one, weights_two = _adapter(one.adapter_dir), _adapter(two.adapter_dir)
+    assert set(weights_one) == set(weights_two) and weights_one
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+def test_shards_are_disjoint_and_cover_the_batch():
+    batch = [7, 3, 9, 1, 4]
+    shards = [shard(batch, rank, 2) for rank in range(2)]
+    assert shards == [([7, 9, 4], 0), ([3, 1, 7], 1)]  # rank 1 is topped up with a stand-in (weight 0)
+    real = [indices[:len(indices) - stand_ins] for indices, stand_ins in shards]
+    assert sorted(real[0] + real[1]) == sorted(batch) and not set(real[0]) & set(real[1])
+    assert shard([5], 1, 3) == ([5], 1)  # a process with no pair of its own still runs one (stand-in) pass
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_as_one(tiny_model, tmp_path_factory, method, strategy):
+    """Same global batch, same loss trajectory, metrics and final adapter, within the tolerances above."""
+    one = _launch(tiny_model, tmp_path_factory, method, 1, "ddp")
+    two = _launch(tiny_model, tmp_path_factory, method, 2, strategy)
+    assert one.info["world_size"] == 1 and two.info["world_size"] == 2
+    assert len(one.history) == 4 and one.history.last("loss") != one.history.series("loss")[1][0]  # it trained
+    _assert_same_run(one, two)
+
+
+def _resume(tiny_model, tmp_path, method, first, second, strategy):
+    """``first`` processes train 2 steps, ``second`` processes resume to 4 steps in the same directory."""
+    import rpo_lib.launch
+
+    extra, limit = CASES[method]
+    for processes, steps, resume in ((first, 2, False), (second, 4, True)):
+        result = rpo_lib.launch(_config(method, max_steps=steps, **extra), model=tiny_model, data=DATA, limit=limit,
+                                output_dir=tmp_path, num_processes=processes, strategy=strategy, lora=_lora(),
+                                resume=resume, echo=False, timeout_s=300)
+    assert result.info["world_size"] == second
+    return result
+
+
+@pytest.mark.parametrize(("first", "second", "strategy"), [(2, 1, "fsdp"), (1, 2, "ddp")])
+def test_resume_with_another_number_of_processes(tiny_model, tmp_path_factory, tmp_path, first, second, strategy):
+    """Checkpoints hold whole tensors (gathered from FSDP's shards), so a run resumes on any process count and
+    ends where the uninterrupted one-process run ends."""
+    resumed = _resume(tiny_model, tmp_path, "rpo", first, second, strategy)
+    steps = [step for step, _ in checkpoints.checkpoint_files(tmp_path / "checkpoints")]
+    assert steps == [2, 4]  # written once per save (by the first process), the first run's kept
+    _assert_same_run(_launch(tiny_model, tmp_path_factory, "rpo", 1, "ddp"), resumed)
+
+
+# ----------------------------------------------------------------------------------------------- faults
+FAULT_HOOK = '''
+import os
+if os.environ.get("RANK") == os.environ.get("RPO_TEST_FAULT_RANK"):
+    import signal
+    import rpo_lib.train as train
+
+    step_once = train.Trainer._optimizer_step
+
+    def faulty(self, step):
+        if step == int(os.environ["RPO_TEST_FAULT_STEP"]):
+            if os.environ["RPO_TEST_FAULT"] == "raise":
+                raise RuntimeError("injected fault on this rank")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step_once(self, step)
+
+    train.Trainer._optimizer_step = faulty
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_a_failing_rank_stops_the_launch_cleanly(tiny_model, tmp_path, fault):
+    """Rank 1 fails in step 3, after the checkpoint of step 2: the launch exits non-zero within a bound, names
+    the rank (with its traceback when it raised), leaves no process behind, and the checkpoint is intact."""
+    import rpo_lib.launch
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)  # imported by every process at start-up
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "RPO_TEST_FAULT": fault, "RPO_TEST_FAULT_RANK": "1", "RPO_TEST_FAULT_STEP": "2"}
+    out = tmp_path / "run"
+    started = time.monotonic()
+    with pytest.raises(rpo_lib.launch.LaunchError) as caught:
+        rpo_lib.launch(_config("dpo", save_every=2), model=tiny_model, data=DATA, output_dir=out, num_processes=2,
+                       lora=_lora(), echo=False, env=env, timeout_s=300)
+    elapsed = time.monotonic() - started
+    error = caught.value
+    assert error.returncode != 0
+    assert elapsed < 90, f"the launch took {elapsed:.0f} s to fail"  # a bound, far above the ~10 s it takes
+    assert error.rank == 1, str(error)
+    if fault == "raise":
+        assert "injected fault on this rank" in error.traceback and "Traceback" in str(error)
+    else:
+        assert "killed by signal 9 (SIGKILL)" in str(error) and "without a Python traceback" in str(error)
+    pids = [int(p.read_text()) for p in (out / "pids").glob("rank*")]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "a process of the failed launch is still running"
+    path, state, skipped = checkpoints.newest_readable(out / "checkpoints")
+    assert state["step"] == 2 and not skipped and path.name == checkpoints.checkpoint_name(2)
+
+
+# ------------------------------------------------------------------------------------------ the interfaces
+def test_the_command_line_runs_a_launch(tiny_model, tmp_path):
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "rpo_lib.launch", "--model", tiny_model, "--data", str(DATA), "--output-dir",
+            str(out), "--num-processes", "2", "--strategy", "fsdp", "--lora-r", "4", "--lora-alpha", "8",
+            "--set", "method=rpo", "--set", "max_steps=2", "--set", "batch_size=4", "--set", "max_length=96",
+            "--set", "progress=False", "--timeout", "300"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 steps on 2 process(es)" in done.stdout
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_command_line_prints_accelerates_command_for_several_machines(tmp_path):
+    args = [sys.executable, "-m", "rpo_lib.launch", "--model", "m", "--data", "d", "--output-dir", str(tmp_path),
+            "--num-processes", "16", "--num-machines", "2", "--machine-rank", "1", "--main-address", "node-0",
+            "--main-port", "29500", "--print-command"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.split()
+    for flag, value in [("--num_processes", "16"), ("--num_machines", "2"), ("--machine_rank", "1"),
+                        ("--main_process_ip", "node-0"), ("--main_process_port", "29500")]:
+        assert printed[printed.index(flag) + 1] == value
+    assert "--multi_gpu" in printed
+    assert printed[-4:] == ["-m", "rpo_lib.launch", "--worker", str(tmp_path.resolve() / "job.json")]
+
+
+def test_settings_and_mistakes_are_reported():
+    import rpo_lib.launch as launch_module
+    from rpo_lib.launch import command, config_from_args
+
+    config = config_from_args("tiny", None, ["method=hypo", "beta=0.2", "adam_betas=(0.8, 0.9)"])
+    assert (config.method, config.beta, config.adam_betas) == ("hypo", 0.2, (0.8, 0.9))
+    with pytest.raises(SystemExit, match="no TrainConfig field"):
+        config_from_args("tiny", None, ["betta=0.2"])
+    with pytest.raises(ValueError, match="main_address"):
+        command("job.json", num_processes=4, num_machines=2)
+    with pytest.raises(ValueError, match="multiple of num_machines"):
+        command("job.json", num_processes=3, num_machines=2, main_address="a")
+    with pytest.raises(NotImplementedError, match="strategy='fsdp'"):
+        launch_module(preset("tiny"), model="m", data="d", output_dir="unused", strategy="deepspeed")
+    assert callable(launch_module) and launch_module.launch is not launch_module
