@@ -363,9 +363,22 @@ def run_job(job: Job) -> None:
         (out / HISTORY_FILE).write_text(json.dumps(list(history)))
         (out / RESULT_FILE).write_text(json.dumps({
             "world_size": parallel.world_size, "strategy": job.strategy, "steps": trainer.step,
-            "train_seconds": seconds, "device": str(parallel.device), "examples": len(trainer.examples)}))
+            "train_seconds": seconds, "device": str(parallel.device), "examples": len(trainer.examples),
+            **parameter_bytes(trainer.model)}))
     parallel.barrier()
     parallel.finish()
+
+
+def parameter_bytes(model: Any) -> dict[str, int]:
+    """Bytes of parameters this process holds (its shards, under FSDP) and how many parameters are sharded."""
+    from torch.distributed.tensor import DTensor
+
+    held = sharded = 0
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        held += local.numel() * local.element_size()
+        sharded += isinstance(parameter, DTensor)
+    return {"parameter_bytes_held": held, "sharded_parameters": sharded}
 
 
 def _worker(job_file: str) -> None:

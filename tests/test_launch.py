@@ -57,6 +57,7 @@ CASES = {  # method -> (config changes, rows)
     "dpo": ({"precompute_ref_logps": True}, 11),  # the reference table scored in blocks and gathered
     "rpo": ({}, None),
     "hypo": ({}, None),
+    "qlora": ({"method": "rpo"}, None),  # NF4 weights (bitsandbytes on the CPU) + LoRA
 }
 
 _runs: dict[tuple, object] = {}
@@ -69,9 +70,11 @@ def _launch(tiny_model, tmp_path_factory, method, processes, strategy, **changes
     if key not in _runs:
         extra, limit = CASES[method]
         out = tmp_path_factory.mktemp(f"{method}-{processes}-{strategy}")
-        _runs[key] = rpo_lib.launch(_config(method, **{**extra, **changes}), model=tiny_model, data=DATA,
+        settings = {**extra, **changes}
+        _runs[key] = rpo_lib.launch(_config(settings.pop("method", method), **settings), model=tiny_model, data=DATA,
                                     limit=limit, output_dir=out, num_processes=processes, strategy=strategy,
-                                    lora=_lora(), echo=False, timeout_s=300)
+                                    lora=_lora(), quantization="nf4" if method == "qlora" else None, echo=False,
+                                    timeout_s=300)
     return _runs[key]
 
 
@@ -116,6 +119,11 @@ def test_two_processes_train_as_one(tiny_model, tmp_path_factory, method, strate
     assert one.info["world_size"] == 1 and two.info["world_size"] == 2
     assert len(one.history) == 4 and one.history.last("loss") != one.history.series("loss")[1][0]  # it trained
     _assert_same_run(one, two)
+    if strategy == "fsdp":  # every parameter sharded (4-bit weights too: float storage), each process holds half
+        assert two.info["sharded_parameters"] > 0
+        assert two.info["parameter_bytes_held"] < 0.6 * one.info["parameter_bytes_held"]
+    else:
+        assert two.info["sharded_parameters"] == 0
 
 
 def _resume(tiny_model, tmp_path, method, first, second, strategy):
