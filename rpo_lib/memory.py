@@ -23,6 +23,12 @@ The peak of one optimizer micro-step is the sum of
   precomputed);
 - **HyPO**: the KV cache of the online samples and the activations of scoring them.
 
+On several GPUs (``num_gpus``, ``strategy``; ``rpo_lib.launch``) the plan is per GPU. DDP keeps everything
+above on every GPU and adds its gradient buckets (a copy of the trainable gradients). FSDP divides the decoder
+layers' weights and the trainable state by the number of GPUs, keeps the root unit (embeddings, head, final
+norm) whole through the step, and adds the layers it has gathered whole: the one running and the next,
+prefetched. Activations, logits and the HyPO parts are per micro-batch, the same on 1 GPU or 8.
+
 The weights and the trainable state stay; the other parts live in phases of the step that never overlap (the
 reference pass, the policy's forward and backward, HyPO's sampling, HyPO's scoring), so the peak counts the largest.
 
@@ -217,6 +223,8 @@ class MemoryPlan:
         """The parts and the total in GiB, and a fit line for each GPU size."""
         width = max(map(len, self.parts))
         lines = [f"{name:<{width}}  {value / GiB:7.2f} GiB" for name, value in self.parts.items()]
+        if self.settings.get("num_gpus", 1) > 1:
+            lines.insert(0, f"per GPU, {self.settings['num_gpus']} GPUs with {self.settings['strategy'].upper()}:")
         lines.append(f"{'peak (+' + format(ALLOCATOR_SLACK, '.0%') + ' slack)':<{width}}  {self.total_gib:7.2f} GiB   "
                      f"(weights + state + the largest phase)")
         for size in GPU_SIZES_GB:
@@ -234,7 +242,7 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
                 logits: Literal["chunked", "full"] = "chunked", precompute_ref: bool = False,
                 real_tokens: int | None = None, method: str = "rpo", k_online: int = 2, online_new_tokens: int = 128,
                 prompt_length: int | None = None, upcast_frozen: bool = False, autocast: bool = True,
-                dtype_bytes: int = 2) -> MemoryPlan:
+                dtype_bytes: int = 2, num_gpus: int = 1, strategy: Literal["ddp", "fsdp"] = "ddp") -> MemoryPlan:
     """Predict the peak memory of one training micro-step (see the module docstring for what is counted).
 
     Args:
@@ -250,6 +258,7 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
             ``online_new_tokens`` per prompt of ``prompt_length`` tokens (default: half of ``max_length``).
         upcast_frozen: count float32 copies of the embeddings, norms and head (peft's k-bit preparation, TRL).
         autocast: the forward runs under bfloat16 autocast (``rpo_lib.train`` and TRL with ``bf16=True`` do).
+        num_gpus, strategy: the plan of one GPU of ``num_gpus`` under ``"ddp"`` or ``"fsdp"`` (module docstring).
     """
     if isinstance(model, str):
         if model not in SHAPES:
@@ -265,8 +274,11 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
                 "gradient_checkpointing": gradient_checkpointing, "logits": logits, "precompute_ref": precompute_ref,
                 "real_tokens": real_tokens, "method": method, "k_online": k_online,
                 "online_new_tokens": online_new_tokens, "prompt_length": prompt_length,
-                "upcast_frozen": upcast_frozen, "autocast": autocast, "dtype_bytes": dtype_bytes}
-    for name in ("max_length", "pairs", "k_online", "online_new_tokens"):
+                "upcast_frozen": upcast_frozen, "autocast": autocast, "dtype_bytes": dtype_bytes,
+                "num_gpus": num_gpus, "strategy": strategy}
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}.")
+    for name in ("max_length", "pairs", "k_online", "online_new_tokens", "num_gpus"):
         if not isinstance(settings[name], int) or settings[name] < 1:
             raise ValueError(f"{name} must be a whole number >= 1; got {settings[name]!r}.")
     return _plan(shape, settings)
@@ -279,14 +291,22 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
     scales = shape.num_hidden_layers * sum(out for _, out in shape.linear_shapes()) * 4 \
         if s["quantization"] == "int8" else 0
     frozen_bytes = 4 if s["upcast_frozen"] else dtype_bytes
-    weights = shape.linear_parameters() * per_weight + scales + shape.other_parameters() * frozen_bytes
+    layer_weights = shape.linear_parameters() * per_weight + scales  # what FSDP shards
+    weights = layer_weights + shape.other_parameters() * frozen_bytes
     if lora_r is None:  # full fine-tuning: weights, gradients and two AdamW moments in the weights' dtype
         if s["quantization"] is not None:
             raise ValueError("quantised weights cannot be fine-tuned in full: give lora_r (QLoRA) or "
                              "quantization=None.")
         trainable = 3 * shape.parameters() * dtype_bytes
+        gradient_bytes = shape.parameters() * dtype_bytes
     else:
         trainable = shape.lora_parameters(lora_r) * 16
+        gradient_bytes = shape.lora_parameters(lora_r) * 4
+    gpus = s["num_gpus"]
+    sharded = s["strategy"] == "fsdp" and gpus > 1
+    if sharded:
+        weights = layer_weights / gpus + shape.other_parameters() * frozen_bytes
+        trainable /= gpus
     tokens = s["real_tokens"] or 2 * s["pairs"] * s["max_length"]
     per_layer = activation_bytes_per_token(shape, lora_r=lora_r or 0, autocast=s["autocast"])
     layers, hidden = shape.num_hidden_layers, shape.hidden_size
@@ -304,9 +324,16 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
     parts = {
         "weights": weights,
         "LoRA + AdamW state" if lora_r is not None else "gradients + AdamW state": trainable,
+    }
+    if sharded:  # the running layer and the prefetched next one, gathered whole (with their LoRA weights)
+        lora_weights = shape.lora_parameters(lora_r) * 4 if lora_r is not None else 0
+        parts["FSDP gathered layers"] = 2 * (layer_weights + lora_weights) / layers
+    elif gpus > 1:
+        parts["DDP gradient buckets"] = gradient_bytes
+    parts.update({
         "activations": activations(tokens),
         "logits": logit_bytes(tokens),
-    }
+    })
     if not s["precompute_ref"]:  # a no-grad forward: one layer's working set and the logits
         parts["reference pass"] = tokens * per_layer + logit_bytes(tokens) * (0.6 if s["logits"] == "full" else 1)
     if s["method"] == "hypo":

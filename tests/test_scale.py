@@ -278,3 +278,25 @@ def test_tiny_reward_model_is_tiny_and_scores(checkpoint, tmp_path):
     assert sum(p.numel() for p in reward.model.parameters()) < 100_000
     scores = reward_scores(reward, ["why is the sky blue", "a prime number"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_plan_per_gpu_with_ddp_and_fsdp():
+    """Several GPUs: DDP adds its gradient buckets to the one-GPU plan; FSDP divides the layers' weights and the
+    trainable state by the GPU count and adds two gathered layers. Mistral-7B, NF4, LoRA r=16."""
+    from rpo_lib.memory import NF4_BYTES, SHAPES  # noqa: I001
+
+    one = memory.plan_memory("mistral-7b", max_length=1024, pairs=2)
+    assert memory.plan_memory("mistral-7b", max_length=1024, pairs=2, num_gpus=1, strategy="fsdp").parts == one.parts
+    ddp = memory.plan_memory("mistral-7b", max_length=1024, pairs=2, num_gpus=4, strategy="ddp")
+    assert ddp.parts["DDP gradient buckets"] == 41_943_040 * 4  # LoRA r=16's float32 gradients
+    assert {k: v for k, v in ddp.parts.items() if k != "DDP gradient buckets"} == one.parts
+    fsdp = memory.plan_memory("mistral-7b", max_length=1024, pairs=2, num_gpus=4, strategy="fsdp")
+    linear = SHAPES["mistral-7b"].linear_parameters() * NF4_BYTES
+    assert fsdp.parts["weights"] == pytest.approx(one.parts["weights"] - 0.75 * linear)
+    assert fsdp.parts["LoRA + AdamW state"] == one.parts["LoRA + AdamW state"] / 4
+    assert fsdp.parts["FSDP gathered layers"] == pytest.approx(2 * (linear + 41_943_040 * 4) / 32)
+    assert fsdp.parts["activations"] == one.parts["activations"]  # per micro-batch, whatever the GPU count
+    assert fsdp.total_gib < one.total_gib < ddp.total_gib
+    assert "per GPU, 4 GPUs with FSDP" in fsdp.table()
+    with pytest.raises(ValueError, match="strategy"):
+        memory.plan_memory("mistral-7b", num_gpus=2, strategy="zero3")
