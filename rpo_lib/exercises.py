@@ -261,6 +261,32 @@ def _padding_fraction(lengths) -> float:
     return padding_fraction(list(lengths))
 
 
+def _passes_per_process() -> int:
+    from rpo_lib.parallel import micro_batches, shard
+
+    counts = set()
+    for rank in range(4):
+        indices, stand_ins = shard(list(range(13)), rank, 4)
+        counts.add(len(micro_batches(len(indices) - stand_ins, len(indices), 3)))
+    assert len(counts) == 1  # every process runs the same number of passes
+    return counts.pop()
+
+
+def _shard_sft_inputs(generator: torch.Generator) -> tuple:
+    batch, length = 3, 6
+    token_logps = -torch.rand(batch, length, generator=generator, dtype=torch.float64) * 5
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    others = int(torch.randint(1, 40, (1,), generator=generator))  # the other processes' chosen tokens
+    return token_logps, mask, int(mask.sum()) + others
+
+
+def _shard_sft(token_logps, mask, global_tokens) -> torch.Tensor:
+    from rpo_lib.losses import sft_loss
+
+    return sft_loss(token_logps, mask, normalization="token_mean", token_count=global_tokens)
+
+
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
@@ -314,6 +340,10 @@ EXERCISES: dict[str, Exercise | Implementation] = {
     "06.E3": Exercise(lambda: "hypo", "Which loss has an expectation under pi_theta?"),
     "06.I1": Implementation(_rloo, _kl_inputs, "For each row: kl_i minus the mean of the other k-1 entries."),
     # 07 · the tiny LM lab
+    "09.E1": Exercise(_passes_per_process, "Deal the 13 pairs to the 4 processes one by one, cut each shard into "
+                      "micro-batches of 3, and remember that a process with fewer pairs still joins every pass."),
+    "09.I1": Implementation(_shard_sft, _shard_sft_inputs, "Sum the masked token log-probs of this shard, negate, and "
+                            "divide by the global token count, not by this shard's own count.", atol=1e-9, rtol=1e-9),
     "08.E1": Exercise(_mistral_lora_state_gib, "Sum r * (n_in + n_out) over the seven shapes, times 32 layers, times "
                       "16 bytes, divided by 2**30.", atol=0.01),
     "08.I1": Implementation(_padding_fraction, _length_inputs, "1 - sum(lengths) / (len(lengths) * max(lengths)).",

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model", "shard"]
+__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model", "micro_batches", "shard"]
 
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -64,6 +64,13 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> tuple[list[int]
     longest = math.ceil(len(indices) / world_size)
     stand_ins = longest - len(mine)
     return mine + [indices[0]] * stand_ins, stand_ins
+
+
+def micro_batches(real: int, padded: int, size: int) -> list[tuple[int, int, float]]:
+    """``(start, stop, weight)`` of each micro-batch of a shard: its ``real`` examples in pieces of ``size``, then, if
+    the longest shard (``padded``, stand-ins included) needs one more pass, one stand-in piece of weight 0."""
+    pieces = [(start, min(start + size, real), 1.0) for start in range(0, real, size)]
+    return pieces + [(real, real + 1, 0.0)] * (math.ceil(padded / size) - len(pieces))
 
 
 class SingleProcess:

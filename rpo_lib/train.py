@@ -87,7 +87,7 @@ from rpo_lib.logprobs import completion_logprobs
 from rpo_lib.models import (REF_ADAPTER, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
                             keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
-from rpo_lib.parallel import SingleProcess, shard
+from rpo_lib.parallel import SingleProcess, micro_batches, shard
 from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
 
 __all__ = ["METHODS", "PRESETS", "History", "Method", "TrainConfig", "Trainer", "latest_checkpoint", "preset"]
@@ -743,9 +743,7 @@ class Trainer:
         with deferred_checks() as checks:
             # HyPO: the whole step's samples first, before any activation is alive (rpo_lib.sample sizes the loops).
             samples = self._online_samples(indices, step) if config.method == "hypo" else None
-            chunks = [(start, min(start + size, real), 1.0) for start in range(0, real, size)]
-            # A process whose shard is one short may need one more pass: a stand-in, weighted 0.
-            chunks += [(real, real + 1, 0.0)] * (math.ceil(len(indices) / size) - len(chunks))
+            chunks = micro_batches(real, len(indices), size)  # a stand-in pass (weight 0) where a shard is short
             for number, (start, stop, weight) in enumerate(chunks):
                 chunk = indices[start:stop]
                 share = len(chunk) / len(batch)  # of the global batch

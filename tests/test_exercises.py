@@ -111,3 +111,10 @@ def test_tolerances_are_stated():
     for name, spec in EXERCISES.items():
         assert spec.atol > 0 or spec.rtol > 0, name
     assert isinstance(exercises.__doc__, str) and "tolerance" in exercises.__doc__
+
+
+def test_a_shard_that_divides_by_its_own_token_count_fails_the_global_normalisation_exercise():
+    from rpo_lib.losses import sft_loss
+
+    assert not check_implementation("09.I1", lambda logps, mask, tokens: sft_loss(logps, mask,
+                                                                                normalization="token_mean"))
