@@ -29,3 +29,18 @@ def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
         assert run["ours"]["tokens"] == run["trl"]["tokens"]  # the same rows on both sides
         assert run["planned_gib"] > 0
     assert math.isfinite(result["hypo"]["hypo_step_over_rpo_step"])
+
+
+def test_launch_benchmark_smoke_mode_times_both_sides(tmp_path):
+    """benchmarks/launch_throughput.py --smoke: a plain Trainer and a 1-process rpo_lib.launch on the same run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "launch_throughput.py"
+    spec = importlib.util.spec_from_file_location("launch_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "smoke.json"
+    module.main(["--smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["steps"] == 2 and result["real_tokens"] > 0
+    for side in ("plain", "launched"):
+        assert result[side]["seconds"] > 0  # recorded, never compared
+    assert math.isfinite(result["launched_over_plain"])
