@@ -58,6 +58,7 @@ from rpo_lib.train import History, TrainConfig, preset
 __all__ = ["Job", "LaunchError", "LaunchResult", "command", "launch", "main", "run_job"]
 
 JOB_FILE = "job.json"
+_DEFAULT_LORA = LoraSettings()
 HISTORY_FILE = "history.json"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
@@ -169,7 +170,7 @@ def command(job_file: str | os.PathLike, *, num_processes: int = 1, num_machines
 def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.PathLike | Sequence[Mapping[str, Any]],
            output_dir: str | os.PathLike, num_processes: int = 1, strategy: Strategy = "ddp",
            split: str | None = None, schema: str | None = None, limit: int | None = None,
-           quantization: str | None = None, lora: LoraSettings | None = LoraSettings(),
+           quantization: str | None = None, lora: LoraSettings | None = _DEFAULT_LORA,
            sft_adapter: str | os.PathLike | None = None, dtype: str | None = None, attn_implementation: str = "sdpa",
            resume: bool = False, overwrite: bool = False, num_machines: int = 1, machine_rank: int = 0,
            main_address: str | None = None, main_port: int | None = None, timeout_s: float | None = None,
@@ -181,7 +182,8 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
         config: the run's settings; ``batch_size`` is the *global* batch (split across the processes), so the
             same config gives the same run on any number of processes.
         model, data, split, schema, limit, quantization, lora, sft_adapter, dtype, attn_implementation: see ``Job``.
-        output_dir: the run's directory (``job.json``, ``launch.log``, ``checkpoints/``, ``history.json``, ``adapter/``).
+        output_dir: the run's directory (``job.json``, ``launch.log``, ``checkpoints/``, ``history.json``,
+            ``adapter/``).
         num_processes: processes of all machines together (one per GPU; on a CPU, one per core you give it).
         strategy: ``"ddp"`` (every GPU holds the model) or ``"fsdp"`` (parameters, gradients and optimizer state
             sharded: FSDP2). ``"deepspeed"`` is refused with a message (see ``rpo_lib.parallel``).
@@ -299,8 +301,8 @@ def _failure(out: Path, log: Path, returncode: int, timeout_s: float | None) -> 
     if killed:
         rank, number = killed[0]
         name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-        also = sorted({r for _, r, _ in reports} - {rank})
-        then = f" Rank(s) {also} then failed, having lost it." if also else ""
+        lost = sorted({r for _, r, _ in reports} - {rank})
+        then = f" Rank(s) {lost} then failed, having lost it." if lost else ""
         report = "\n".join(text.splitlines()[-25:])
         return LaunchError(f"rank {rank} was killed by signal {number} ({name}) and ended without a Python "
                            f"traceback (killed from outside, or by the out-of-memory killer); exit status "

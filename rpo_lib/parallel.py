@@ -40,7 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model", "micro_batches", "shard"]
+__all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model",
+           "micro_batches", "shard"]
 
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -211,7 +212,9 @@ class Distributed(SingleProcess):
 
     @property
     def _comm_device(self) -> torch.device:
-        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        """Where small tensors for a collective live: the GPU under NCCL, the CPU under gloo."""
+        return torch.device(self.accelerator.device) if torch.distributed.get_backend() == "nccl" else \
+            torch.device("cpu")
 
     # ------------------------------------------------------------------------------------ sharded state
     def full(self, tensor: Tensor) -> Tensor:
