@@ -147,17 +147,15 @@ class Distributed(SingleProcess):
         self.rank = int(accelerator.process_index)
         self.world_size = int(accelerator.num_processes)
         self.device = torch.device(accelerator.device)
-        self._ddp: Any = None
 
     # ---------------------------------------------------------------------------------------- wrapping
     def prepare(self, model: Any, optimizer_factory: Any) -> tuple[Any, Any]:
         if self.world_size == 1:
             return super().prepare(model, optimizer_factory)
-        if self.strategy == "fsdp":
-            fully_shard_model(model)
-            return model, optimizer_factory([p for p in model.parameters() if p.requires_grad])
-        self._ddp = self.accelerator.prepare_model(model)  # DistributedDataParallel
-        return self._ddp, optimizer_factory([p for p in model.parameters() if p.requires_grad])
+        if self.strategy == "fsdp":  # in place: the model itself runs the passes, over sharded parameters
+            return super().prepare(fully_shard_model(model), optimizer_factory)
+        _, optimizer = super().prepare(model, optimizer_factory)
+        return self.accelerator.prepare_model(model), optimizer  # DistributedDataParallel wraps the model
 
     @contextlib.contextmanager
     def gradient_sync(self, model: Any, sync: bool) -> Iterator[None]:
@@ -232,8 +230,7 @@ class Distributed(SingleProcess):
                                  src_data_rank=None)
 
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float | None) -> Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
-        return self.full(norm)
+        return self.full(super().clip_grad_norm(parameters, max_norm))  # FSDP's norm is a DTensor
 
     def finish(self) -> None:
         self.accelerator.end_training()

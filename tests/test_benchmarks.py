@@ -1,4 +1,5 @@
-"""benchmarks/qlora_rpo_7b.py in its smoke mode: the same code as on a GPU, tiny shapes, and no timing asserted."""
+"""The benchmarks' smoke modes (qlora_rpo_7b.py, launch_throughput.py): the same code as on a GPU, tiny shapes,
+and no timing asserted."""
 
 import importlib.util
 import json
@@ -10,14 +11,19 @@ import pytest
 pytest.importorskip("trl", reason="the benchmark compares with TRL, a test dependency: pip install -e '.[dev]'")
 
 
-def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "qlora_rpo_7b.py"
-    spec = importlib.util.spec_from_file_location("qlora_rpo_7b", path)
+def _smoke_run(name: str, tmp_path: Path) -> dict:
+    """Run ``benchmarks/<name>.py --smoke`` and return what it wrote."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "smoke.json"
     module.main(["--smoke", "--out", str(out)])
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
+    result = _smoke_run("qlora_rpo_7b", tmp_path)
     assert result["smoke"] is True
     seen = {(run["setting"], run["precompute_ref"]) for run in result["runs"]}
     assert seen == {(s, p) for s in ("a_fixed", "b_variable", "c_long") for p in (False, True)}
@@ -33,13 +39,7 @@ def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
 
 def test_launch_benchmark_smoke_mode_times_both_sides(tmp_path):
     """benchmarks/launch_throughput.py --smoke: a plain Trainer and a 1-process rpo_lib.launch on the same run."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "launch_throughput.py"
-    spec = importlib.util.spec_from_file_location("launch_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "smoke.json"
-    module.main(["--smoke", "--out", str(out)])
-    result = json.loads(out.read_text())
+    result = _smoke_run("launch_throughput", tmp_path)
     assert result["smoke"] is True and result["steps"] == 2 and result["real_tokens"] > 0
     for side in ("plain", "launched"):
         assert result[side]["seconds"] > 0  # recorded, never compared
