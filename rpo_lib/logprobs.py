@@ -21,8 +21,8 @@ from torch import Tensor
 
 from rpo_lib._checks import check_token_inputs, require
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "completion_logprobs", "linear_label_logprobs", "reduce_token_logprobs",
-           "sequence_logprobs", "token_logprobs"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "completion_logprobs", "reduce_token_logprobs", "sequence_logprobs",
+           "token_logprobs"]
 
 Reduction = Literal["sum", "mean"]
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float32 values = 16 MiB per chunk
@@ -179,59 +179,3 @@ def completion_logprobs(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     token_logps, mask = token_logprobs(logits, input_ids, completion_mask, chunk_elements=chunk_elements)
     return reduce_token_logprobs(token_logps, mask, reduction=reduction), token_logps, mask
-
-
-class _LinearLabelLogProbs(torch.autograd.Function):
-    """``log_softmax(states @ weight.T)[targets]`` for (P, H) states, chunked over P: the (P, V) logits never exist.
-
-    Forward keeps one float32 log-normaliser per row; backward recomputes each chunk's logits. The gradient
-    w.r.t. ``weight`` is computed only when the weight requires one (a frozen LM head, as in LoRA, does not).
-    """
-
-    @staticmethod
-    def forward(ctx, states: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        out = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)
-        log_normaliser = torch.empty_like(out)
-        for start in range(0, states.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, states.shape[0])
-            block = (states[start:stop] @ weight.T).float()  # (n, V): the only logits alive
-            out[start:stop], log_normaliser[start:stop] = _pick(block, targets[start:stop])
-            del block
-        ctx.save_for_backward(states, weight, targets, log_normaliser)
-        ctx.chunk_rows = chunk_rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        states, weight, targets, log_normaliser = ctx.saved_tensors
-        grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, states.shape[0], ctx.chunk_rows):
-            stop = min(start + ctx.chunk_rows, states.shape[0])
-            block = _pick_backward((states[start:stop] @ weight.T).float(), log_normaliser[start:stop],
-                                   targets[start:stop], grad_out[start:stop, None].float())
-            if grad_states is not None:
-                grad_states[start:stop] = (block.to(weight.dtype) @ weight).to(states.dtype)
-            if grad_weight is not None:
-                grad_weight += block.T @ states[start:stop].float()
-            del block
-        return grad_states, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
-
-
-def linear_label_logprobs(states: Tensor, weight: Tensor, targets: Tensor, *,
-                          chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
-    """``log softmax(states @ weight.T)[targets]`` (P,) in float32 without materialising the (P, V) logits.
-
-    ``states`` (P, H) are a model's final hidden states at the positions that are scored, ``weight`` (V, H) its LM
-    head (no bias), ``targets`` (P,) the next tokens. Peak extra memory: ``chunk_elements`` float32 logits.
-    """
-    if states.dim() != 2 or weight.dim() != 2 or states.shape[1] != weight.shape[1]:
-        raise ValueError(f"states {tuple(states.shape)} must be (P, H) and weight {tuple(weight.shape)} (V, H).")
-    if targets.shape != states.shape[:1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be (P,) = ({states.shape[0]},), one per state.")
-    vocab = weight.shape[0]
-    require(((targets >= 0) & (targets < vocab)).all(),
-            lambda: f"a target lies outside the vocabulary [0, {vocab}): check that the tokenizer belongs to the "
-                    "model.")
-    chunk_rows = max(1, int(chunk_elements) // vocab)
-    return _LinearLabelLogProbs.apply(states, weight, targets.long(), chunk_rows)

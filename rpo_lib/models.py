@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["REF_ADAPTER", "LoraSettings", "TinyLMConfig", "compute_dtype", "disable_dropout", "enable_checkpointing",
-           "find_dropout", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy", "prepare_for_kbit_training",
-           "quantization_config", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
+__all__ = ["REF_ADAPTER", "LoraSettings", "TinyLMConfig", "base_model", "compute_dtype", "disable_dropout",
+           "enable_checkpointing", "find_dropout", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy",
+           "prepare_for_kbit_training", "quantization_config", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop")
 
@@ -221,6 +221,13 @@ def prepare_for_kbit_training(model: Any) -> int:
             parameter.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def base_model(model: Any) -> Any:
+    """The Hugging Face model inside a DDP wrapper (``.module``) and a PEFT wrapper: for reading its class and
+    config. Forward passes go through the wrappers, so that their hooks run."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def compute_dtype(model: Any) -> torch.dtype:

@@ -40,6 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from rpo_lib.models import base_model
+
 __all__ = ["STRATEGIES", "Distributed", "SingleProcess", "Strategy", "check_strategy", "fully_shard_model",
            "micro_batches", "shard"]
 
@@ -238,7 +240,7 @@ class Distributed(SingleProcess):
 
 def _decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes), outermost first."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:

@@ -84,8 +84,9 @@ from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import (REF_ADAPTER, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
+from rpo_lib.models import (REF_ADAPTER, base_model, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
                             keep_4bit_trainable_on_cpu)
+from rpo_lib import packing
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.parallel import SingleProcess, micro_batches, shard
 from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
@@ -271,6 +272,13 @@ RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "padding_
                          "precompute_ref_batch_size",
                          "online_sample_rows", "eval_every", "checkpoint_dir", "save_every", "keep_checkpoints",
                          "progress", "device", "max_steps"})
+# padding_free: how many examples the trainer scores both ways before training, and the largest difference per
+# completion token (nats) it accepts, by compute dtype. Measured on CPU in float32: at most 2e-6 on every family
+# that is exact (tests/test_families.py); a leak across sequences or a dropped window costs 1e-2 to 1 and more.
+# In 16-bit dtypes the two paths round differently; their agreement on a GPU is what benchmarks/gpu_check.sh
+# measures, and the bound below only catches gross errors there (OPT's and Falcon's are refused by rule).
+PACKING_CHECK_EXAMPLES = 4
+PACKING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 _GPU_MEMORY_FOR_SAMPLING = 0.5  # share of the GPU memory left after loading that HyPO's KV cache may take
 
 
@@ -298,6 +306,10 @@ class History(list):
 
     def keys(self) -> set[str]:
         return {key for row in self for key in row}
+
+
+def _model_name(model: Any) -> str:
+    return type(base_model(model)).__name__
 
 
 def _is_peft(model: Any) -> bool:
@@ -330,10 +342,19 @@ def _read_back(values: Mapping[str, Tensor], checks: DeferredChecks | None = Non
 
 def _checkpointing_on(model: Any) -> bool:
     """Whether activation checkpointing is already on (``load_policy`` turns it on)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(base, name, False))
+
+
+def _lengths(examples: Sequence[Any]) -> list[int]:
+    """Tokens of every sequence of ``examples`` (prompt + completion; chosen and rejected apart)."""
+    out = []
+    for e in examples:
+        completions = [e.completion_ids] if isinstance(e, SFTExample) else [e.chosen_ids, e.rejected_ids]
+        out += [len(e.prompt_ids) + len(c) for c in completions]
+    return out
 
 
 def _length(example: Any) -> int:
@@ -471,6 +492,8 @@ class Trainer:
         self.compute_dtype = compute_dtype(self.model)
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16) and any(
             p.dtype == torch.float32 for p in self.parameters)
+        if config.padding_free:
+            self._check_packing(user_ref_model=ref_model is not None)
 
     # ------------------------------------------------------------------------------------------- set-up
     def _place(self, model: Any) -> Any:
@@ -533,20 +556,68 @@ class Trainer:
             return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                        reduction=reduction)
 
-    def collate(self, examples: Sequence[Any]) -> dict[str, Tensor] | PackedBatch:
+    def collate(self, examples: Sequence[Any], *, padded: bool = False, row_tokens: int | None = None
+                ) -> dict[str, Tensor] | PackedBatch:
         """One micro-batch: right-padded rows, or packed rows with ``padding_free`` (chosen rows first, then the
-        rejected rows, for preference examples)."""
+        rejected rows, for preference examples); ``padded=True``: right-padded whatever the config says. Packed rows
+        are ``max_length`` long (or the longest sequence), or ``row_tokens`` long."""
+        pack = self.config.padding_free and not padded
         if isinstance(examples[0], SFTExample):
-            if not self.config.padding_free:
+            if not pack:
                 return collate_sft(examples, self.pad_token_id)
             prompts, completions = [e.prompt_ids for e in examples], [e.completion_ids for e in examples]
         else:
-            if not self.config.padding_free:
+            if not pack:
                 return collate_preferences(examples, self.pad_token_id)
             prompts = [e.prompt_ids for e in examples] * 2
             completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-        row = max(self.config.max_length, max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)))
+        row = row_tokens or max(self.config.max_length, max(len(p) + len(c) for p, c in zip(prompts, completions,
+                                                                                           strict=True)))
         return pack_sequences(prompts, completions, max_row_tokens=row, pad_token_id=self.pad_token_id)
+
+    def _check_packing(self, *, user_ref_model: bool) -> None:
+        """``padding_free``: refuse, before any step, a model whose packed rows are not scored as padded rows are.
+
+        First what is known in advance (``rpo_lib.packing.unsupported``), then a measurement: the first
+        ``PACKING_CHECK_EXAMPLES`` examples scored both ways, without gradients. The largest difference of a
+        sequence's log-prob, per completion token, must stay within ``PACKING_TOLERANCE`` of the compute dtype; a
+        family that leaks attention across packed sequences, drops a sliding window or skips a logit transform
+        differs by far more (tests/test_families.py). Every process runs the same passes and the same verdict."""
+        config = self.config
+        models = [("the model", self.model)] + ([("ref_model", self.ref_model)] if user_ref_model else [])
+        for what, model in models:
+            problem = packing.unsupported(model, config.packing_attention)
+            if problem is not None:
+                raise ValueError(f"padding_free=True: {what} ({_model_name(model)}) cannot be scored exactly in "
+                                 f"packed rows with packing_attention={config.packing_attention!r}: {problem}. Use "
+                                 f"padding_free=False (padded batches are exact on every model).")
+        examples = self.examples[:PACKING_CHECK_EXAMPLES]
+        tolerance = PACKING_TOLERANCE.get(self.compute_dtype, PACKING_TOLERANCE[torch.float32])
+        other = "varlen" if config.packing_attention == "mask" else "mask"
+        for what, model in models:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    padded = self._forward(model, self._to_device(self.collate(examples, padded=True)), "sum")
+                    # Rows as long as the two longest sequences: the longest shares its row, so a leak shows.
+                    two = sum(sorted(_lengths(examples))[-2:])
+                    packed = self._forward(model, self._to_device(self.collate(examples, row_tokens=two)), "sum")
+            except Exception as error:  # a family whose forward refuses packed inputs
+                raise ValueError(f"padding_free=True: {what} ({_model_name(model)}) failed to score packed rows "
+                                 f"with packing_attention={config.packing_attention!r} ({type(error).__name__}: "
+                                 f"{error}). Use padding_free=False.") from error
+            finally:
+                model.train(was_training)
+            per_token = ((packed[0] - padded[0]).abs() / padded[2].sum(dim=1).clamp(min=1)).max().float()
+            worst = float(self.parallel.sum(per_token.reshape(1)).item()) / self.parallel.world_size  # the same on all
+            if not worst <= tolerance:
+                raise ValueError(
+                    f"padding_free=True: {what} ({_model_name(model)}) scores packed rows differently from padded "
+                    f"rows with packing_attention={config.packing_attention!r}: up to {worst:.3g} nats per token on "
+                    f"the first {len(examples)} examples (tolerance {tolerance:g} in {self.compute_dtype}). Training "
+                    f"would use wrong log-probabilities. Use padding_free=False (exact on every model), or try "
+                    f"packing_attention={other!r}.")
 
     def logprobs(self, batch: Mapping[str, Tensor] | PackedBatch, *, reference: bool = False,
                  reduction: Reduction | None = None) -> Tensor:

@@ -126,6 +126,17 @@ def test_two_processes_train_as_one(tiny_model, tmp_path_factory, method, strate
         assert two.info["sharded_parameters"] == 0
 
 
+@pytest.mark.parametrize("method", ["dpo", "rpo", "hypo"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_padding_free_batches_on_two_processes_train_as_on_one(tiny_model, tmp_path_factory, method, strategy):
+    """Packed rows are scored through the wrapped model (DDP's hooks, FSDP's all-gathers), so padding-free training
+    on 2 processes gives the one-process run; before the fix it crashed under both."""
+    one = _launch(tiny_model, tmp_path_factory, method, 1, "ddp", padding_free=True)
+    two = _launch(tiny_model, tmp_path_factory, method, 2, strategy, padding_free=True)
+    assert len(two.history) == 4 and two.info["world_size"] == 2
+    _assert_same_run(one, two)
+
+
 def _resume(tiny_model, tmp_path, method, first, second, strategy):
     """``first`` processes train 2 steps, ``second`` processes resume to 4 steps in the same directory."""
     import rpo_lib.launch
