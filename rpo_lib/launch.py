@@ -28,8 +28,18 @@ another number of processes), ``history.json`` and the adapter (``<output_dir>/a
 
 Faults. A process that raises writes its traceback to ``<output_dir>/errors/rank<r>.txt`` and exits non-zero;
 torchrun then stops the others, and ``launch`` raises ``LaunchError`` with the first failure's traceback (or,
-for a process killed by a signal, torchrun's report). The launcher's whole process group is killed on the way
-out, so no process outlives a launch; checkpoints are written atomically, so the last one survives.
+for a process killed by a signal, torchrun's report). Checkpoints are written atomically, so the last one survives.
+
+Nothing outlives a launch. torchrun starts every worker in a session of its own, so killing the agent's process
+group would miss them: each worker records its pid (``<output_dir>/pids/rank<r>``) and asks the kernel to kill it
+when the agent dies. However a launch ends (finished, ``timeout_s``, an exception in the launching process,
+Ctrl-C or a notebook's "interrupt kernel"), the launcher sends SIGTERM to the agent, which torchrun forwards to
+the workers, waits ``STOP_GRACE_S``, then SIGKILLs the agent's group and every recorded worker and its group
+(``tests/test_launch.py`` checks by pid).
+
+Several machines (``num_machines``) may share ``output_dir`` (a cluster's shared file system): each machine's
+launcher writes its own ``job.machine<m>.json`` and ``launch.machine<m>.log`` and clears only its own processes'
+``errors/`` and ``pids/`` files.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +68,9 @@ from rpo_lib.train import History, TrainConfig, preset
 __all__ = ["Job", "LaunchError", "LaunchResult", "command", "launch", "main", "run_job"]
 
 JOB_FILE = "job.json"
+LOG_FILE = "launch.log"
 _DEFAULT_LORA = LoraSettings()
+STOP_GRACE_S = 10.0  # after SIGTERM, how long the agent and its workers get to exit before they are SIGKILLed
 HISTORY_FILE = "history.json"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
@@ -145,6 +157,21 @@ class LaunchError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------- the launcher
+def machine_files(num_machines: int = 1, machine_rank: int = 0) -> tuple[str, str]:
+    """``(job file, log file)`` names of one machine's launcher: ``job.json`` and ``launch.log`` on one machine,
+    ``job.machine<r>.json`` and ``launch.machine<r>.log`` on several, so that machines sharing an output directory
+    (a cluster's shared file system) never overwrite each other's."""
+    if num_machines == 1:
+        return JOB_FILE, LOG_FILE
+    return f"job.machine{machine_rank}.json", f"launch.machine{machine_rank}.log"
+
+
+def machine_ranks(num_processes: int, num_machines: int = 1, machine_rank: int = 0) -> range:
+    """The global ranks of the processes one machine runs (torchrun numbers machine by machine)."""
+    per_machine = num_processes // num_machines
+    return range(machine_rank * per_machine, (machine_rank + 1) * per_machine)
+
+
 def command(job_file: str | os.PathLike, *, num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
             main_address: str | None = None, main_port: int | None = None) -> list[str]:
     """The ``accelerate launch`` command that runs ``job_file`` (what ``launch`` runs; print it to see it)."""
@@ -174,8 +201,8 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
            sft_adapter: str | os.PathLike | None = None, dtype: str | None = None, attn_implementation: str = "sdpa",
            resume: bool = False, overwrite: bool = False, num_machines: int = 1, machine_rank: int = 0,
            main_address: str | None = None, main_port: int | None = None, timeout_s: float | None = None,
-           collective_timeout_s: float = 1800.0, echo: bool = True, env: Mapping[str, str] | None = None
-           ) -> LaunchResult:
+           collective_timeout_s: float = 1800.0, echo: bool = True, env: Mapping[str, str] | None = None,
+           stop_grace_s: float = STOP_GRACE_S) -> LaunchResult:
     """Run ``config``'s training job in ``num_processes`` processes and wait for it; see the module docstring.
 
     Args:
@@ -191,6 +218,8 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
         overwrite: delete the checkpoints of an earlier run there first.
         num_machines, machine_rank, main_address, main_port: for several machines (run the same call on each).
         timeout_s: stop the whole launch after this long (``LaunchError``); None: no limit.
+        stop_grace_s: when a launch is stopped (timeout, an exception, Ctrl-C), how long its processes get to exit
+            after SIGTERM before they are killed (see the module docstring).
         collective_timeout_s: how long a process waits for the others in a collective.
         echo: print the processes' output as it comes (it always goes to ``<output_dir>/launch.log``).
         env: extra environment variables for the processes.
@@ -208,21 +237,28 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
               quantization=quantization, lora=lora, sft_adapter=os.fspath(sft_adapter) if sft_adapter else None,
               dtype=dtype, attn_implementation=attn_implementation, resume=resume, overwrite=overwrite,
               collective_timeout_s=collective_timeout_s)
+    job_name, log_name = machine_files(num_machines, machine_rank)
+    args = command(out / job_name, num_processes=num_processes, num_machines=num_machines,
+                   machine_rank=machine_rank, main_address=main_address, main_port=main_port)  # checks the numbers
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / HISTORY_FILE, out / RESULT_FILE, *(out / "errors").glob("rank*.txt"),
-                  *(out / "pids").glob("rank*")]:
-        stale.unlink(missing_ok=True)
-    job_file = out / JOB_FILE
+    ranks = machine_ranks(num_processes, num_machines, machine_rank)
+    # Only this machine's files: on a shared file system the other machines' launchers are writing theirs.
+    stale = [out / "errors" / f"rank{r}.txt" for r in ranks] + [out / "pids" / f"rank{r}" for r in ranks]
+    if machine_rank == 0:
+        stale += [out / HISTORY_FILE, out / RESULT_FILE]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    job_file = out / job_name
     job_file.write_text(json.dumps(job.to_json(), indent=1))
-    args = command(job_file, num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
-                   main_address=main_address, main_port=main_port)
-    log = out / "launch.log"
+    log = out / log_name
     started = time.perf_counter()
-    returncode = _run(args, log, echo=echo, timeout_s=timeout_s,
-                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    returncode, survivors = _run(args, log, echo=echo, timeout_s=timeout_s,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}),
+                                      LAUNCHER_PID_VARIABLE: str(os.getpid())},
+                                 workers=lambda: _worker_pids(out, ranks, job_file), grace_s=stop_grace_s)
     seconds = time.perf_counter() - started
     if returncode != 0:
-        raise _failure(out, log, returncode, timeout_s if returncode == _TIMED_OUT else None)
+        raise _failure(out, log, returncode, timeout_s if returncode == _TIMED_OUT else None, survivors)
     if machine_rank != 0:  # the first machine's first process writes the results
         return LaunchResult(History(), out / ADAPTER_DIR, out, log, seconds, num_processes, strategy)
     history = History(json.loads((out / HISTORY_FILE).read_text()))
@@ -231,11 +267,17 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
 
 
 _TIMED_OUT = -1000
+LAUNCHER_PID_VARIABLE = "RPO_LAUNCHER_PID"  # tells a worker which process launched it (see _die_with_parent)
 
 
-def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env: Mapping[str, str]) -> int:
-    """Run ``args`` in a new process group, copying its output to ``log`` (and the screen); whatever happens, kill
-    the group on the way out, so that no process of the launch survives it."""
+def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env: Mapping[str, str],
+         workers: Callable[[], list[int]], grace_s: float = STOP_GRACE_S) -> tuple[int, list[int]]:
+    """Run ``args`` (the agent: accelerate, torchrun inside) in a new process group, copying its output to ``log``
+    (and the screen); ``(exit status, pids still alive after the shutdown)``.
+
+    However it ends (finished, ``timeout_s``, an exception here, Ctrl-C / a notebook's interrupt), nothing of the
+    launch is left running: ``_shutdown`` stops the agent, then kills the workers it started by their pids, which
+    the workers record (torchrun starts each in a session of its own, out of reach of the agent's group)."""
     import selectors
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -246,32 +288,96 @@ def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env
         assert process.stdout is not None
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
+        returncode = _TIMED_OUT
         try:
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if wait == 0.0:
-                    return _TIMED_OUT
+                    break
                 if selector.select(timeout=min(wait, 1.0) if wait is not None else 1.0):
                     chunk = process.stdout.read1(65536)  # type: ignore[attr-defined]
                     if not chunk:
+                        returncode = process.wait()
                         break
-                    text = chunk.decode(errors="replace")
-                    sink.write(text)
-                    sink.flush()
-                    if echo:
-                        print(text, end="", flush=True)
-            return process.wait()
+                    _relay(chunk.decode(errors="replace"), sink, echo)
         finally:
             selector.close()
-            _kill_group(process)
+            survivors = _shutdown(process, workers, grace_s)
+    return returncode, survivors
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _relay(text: str, sink: Any, echo: bool) -> None:
+    """Copy the processes' output to the log (and the screen)."""
+    sink.write(text)
+    sink.flush()
+    if echo:
+        print(text, end="", flush=True)
+
+
+def _shutdown(process: subprocess.Popen, workers: Callable[[], list[int]], grace_s: float) -> list[int]:
+    """Stop a launch, politely first; return the pids that are still alive after it (none, unless not ours to kill).
+
+    1. SIGTERM to the agent, which torchrun forwards to its workers before it exits; ``grace_s`` to do so.
+    2. SIGKILL to the agent's process group (the agent, and a single process's worker, which shares its group).
+    3. SIGKILL to every recorded worker and its process group (its own session: torchrun's ``start_new_session``),
+       then wait until they are gone. A second Ctrl-C during step 1 skips to step 2."""
+    if process.poll() is None:
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt, ProcessLookupError):
+            pass
+    _kill(process.pid, group=True)
+    process.wait()
+    pids = workers()
+    for pid in pids:
+        _kill(pid, group=True)
+        _kill(pid, group=False)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def _kill(pid: int, *, group: bool) -> None:
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        try:
+            os.kill(pid, 0)  # no /proc (macOS): ask the kernel
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return "\nState:\tZ" not in status
+
+
+def _worker_pids(out: Path, ranks: range, job_file: Path) -> list[int]:
+    """The pids this machine's workers recorded, where that pid still runs this job (a pid is reused after its
+    process ends: a process whose command line does not name ``job_file`` is not ours and is left alone)."""
+    pids = []
+    for rank in ranks:
+        try:
+            pid = int((out / "pids" / f"rank{rank}").read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except OSError:  # no /proc: trust the pid file
+            pids.append(pid)
+            continue
+        if os.fsencode(job_file) in arguments:
+            pids.append(pid)
+    return pids
 
 
 def _signalled(log_text: str) -> list[tuple[int, int]]:
@@ -286,12 +392,15 @@ def _signalled(log_text: str) -> list[tuple[int, int]]:
     return sorted(set(found))
 
 
-def _failure(out: Path, log: Path, returncode: int, timeout_s: float | None) -> LaunchError:
+def _failure(out: Path, log: Path, returncode: int, timeout_s: float | None,
+             survivors: Sequence[int] = ()) -> LaunchError:
     """The error of a failed launch. A process killed by a signal (SIGKILL, the out-of-memory killer) is the cause
     when there is one; otherwise the earliest traceback a process wrote (the others then lost it)."""
     if timeout_s is not None:
-        return LaunchError(f"the launch ran past timeout_s={timeout_s} s and was stopped (every process killed). "
-                           f"Its output: {log}", returncode=returncode, rank=None, traceback_text="", log=log)
+        stopped = (f"processes {list(survivors)} could not be killed (not ours to signal?): stop them by hand"
+                   if survivors else "it and every worker it started were stopped")
+        return LaunchError(f"the launch ran past timeout_s={timeout_s} s; {stopped}. Its output: {log}",
+                           returncode=returncode, rank=None, traceback_text="", log=log)
     text = log.read_text(errors="replace")
     reports = []
     for path in (out / "errors").glob("rank*.txt"):
@@ -383,8 +492,34 @@ def parameter_bytes(model: Any) -> dict[str, int]:
     return {"parameter_bytes_held": held, "sharded_parameters": sharded}
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this worker when its parent, torchrun's agent, dies, however it dies (even
+    by SIGKILL, which the agent cannot forward). If the agent died before this call, the worker has already been
+    handed to another parent (init, or a subreaper) and exits now. Elsewhere, nothing (the launcher still kills
+    the workers by pid)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    launcher = os.environ.get(LAUNCHER_PID_VARIABLE)
+    parent = os.getppid()
+    if parent == 1 or (launcher is not None and _parent_of(parent) not in (int(launcher), None)):
+        os._exit(1)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (from /proc), or None if it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _worker(job_file: str) -> None:
     """A process's entry: run the job; on an error write the traceback where the launcher looks, and re-raise."""
+    _die_with_parent()
     job = Job.from_json(json.loads(Path(job_file).read_text()))
     out = Path(job.output_dir)
     rank = int(os.environ.get("RANK", "0"))
@@ -465,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {"num_processes": args.num_processes, "num_machines": args.num_machines,
                "machine_rank": args.machine_rank, "main_address": args.main_address, "main_port": args.main_port}
     if args.print_command:
-        print(shlex.join(command(Path(args.output_dir).resolve() / JOB_FILE, **options)))
+        job_name, _ = machine_files(args.num_machines, args.machine_rank)
+        print(shlex.join(command(Path(args.output_dir).resolve() / job_name, **options)))
         return 0
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora_r > 0 else None
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,7 @@ FAULT_HOOK = '''
 import os
 if os.environ.get("RANK") == os.environ.get("RPO_TEST_FAULT_RANK"):
     import signal
+    import time
     import rpo_lib.train as train
 
     step_once = train.Trainer._optimizer_step
@@ -173,11 +175,29 @@ if os.environ.get("RANK") == os.environ.get("RPO_TEST_FAULT_RANK"):
         if step == int(os.environ["RPO_TEST_FAULT_STEP"]):
             if os.environ["RPO_TEST_FAULT"] == "raise":
                 raise RuntimeError("injected fault on this rank")
+            if os.environ["RPO_TEST_FAULT"] == "hang":  # a stuck process: deaf to SIGTERM (the other waits for it)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                print("RPO_TEST_HANGING", flush=True)
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
         return step_once(self, step)
 
     train.Trainer._optimizer_step = faulty
 '''
+
+
+def _fault_env(tmp_path, fault, step=2):
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)  # imported by every process at start-up
+    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+            "RPO_TEST_FAULT": fault, "RPO_TEST_FAULT_RANK": "1", "RPO_TEST_FAULT_STEP": str(step)}
+
+
+def _recorded_pids(out: Path, expected: int = 2) -> list[int]:
+    pids = [int(p.read_text()) for p in (out / "pids").glob("rank*")]
+    assert len(pids) == expected, f"{len(pids)} worker pids recorded, expected {expected}"
+    return pids
 
 
 def _alive(pid: int) -> bool:
@@ -196,11 +216,7 @@ def test_a_failing_rank_stops_the_launch_cleanly(tiny_model, tmp_path, fault):
     intact."""
     import rpo_lib.launch
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAULT_HOOK)  # imported by every process at start-up
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
-           "RPO_TEST_FAULT": fault, "RPO_TEST_FAULT_RANK": "1", "RPO_TEST_FAULT_STEP": "2"}
+    env = _fault_env(tmp_path, fault)
     out = tmp_path / "run"
     started = time.monotonic()
     with pytest.raises(rpo_lib.launch.LaunchError) as caught:
@@ -217,14 +233,116 @@ def test_a_failing_rank_stops_the_launch_cleanly(tiny_model, tmp_path, fault):
         assert "injected fault on this rank" in error.traceback and "Traceback" in str(error)
     else:
         assert "killed by signal 9 (SIGKILL)" in str(error) and "without a Python traceback" in str(error)
-    pids = [int(p.read_text()) for p in (out / "pids").glob("rank*")]
-    assert len(pids) == 2
+    pids = _recorded_pids(out)
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids), "a process of the failed launch is still running"
     path, state, skipped = checkpoints.newest_readable(out / "checkpoints")
     assert state["step"] == 2 and not skipped and path.name == checkpoints.checkpoint_name(2)
+
+
+# ------------------------------------------------------------------------------- nothing left running
+# Rank 1 hangs in step 1, deaf to SIGTERM, and rank 0 waits for it in a collective: what a stuck GPU job looks like.
+# Before the fix the workers, each in a session of its own, outlived the launcher's process group.
+def _hanging_launch(tiny_model, out, tmp_path, **options):
+    import rpo_lib.launch
+
+    return rpo_lib.launch(_config("dpo", max_steps=50), model=tiny_model, data=DATA, output_dir=out, num_processes=2,
+                          lora=_lora(), echo=False, env=_fault_env(tmp_path, "hang", step=1), stop_grace_s=3,
+                          **options)
+
+
+def _assert_none_alive(pids):
+    alive = [pid for pid in pids if _alive(pid)]
+    assert not alive, f"worker(s) {alive} of the stopped launch are still running"
+
+
+def test_a_timeout_leaves_no_process_running(tiny_model, tmp_path):
+    import rpo_lib.launch
+
+    out = tmp_path / "run"
+    with pytest.raises(rpo_lib.launch.LaunchError, match="ran past timeout_s") as caught:
+        _hanging_launch(tiny_model, out, tmp_path, timeout_s=40)  # start-up takes ~10 s; then both are stuck
+    assert "every worker it started were stopped" in str(caught.value)
+    _assert_none_alive(_recorded_pids(out))  # checked as launch returns: it waits until they are gone
+
+
+def test_an_exception_in_the_launching_process_leaves_no_process_running(tiny_model, tmp_path, monkeypatch):
+    import rpo_lib.launch as launch_module
+
+    relay = launch_module._relay
+
+    def failing(text, sink, echo):  # the launcher fails while the workers are stuck (a full disk, a bug, ...)
+        relay(text, sink, echo)
+        if "RPO_TEST_HANGING" in text:
+            raise OSError("injected failure in the launching process")
+
+    monkeypatch.setattr(launch_module, "_relay", failing)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="injected failure"):
+        _hanging_launch(tiny_model, out, tmp_path, timeout_s=300)
+    _assert_none_alive(_recorded_pids(out))
+
+
+def test_ctrl_c_in_the_launching_process_leaves_no_process_running(tiny_model, tmp_path):
+    """SIGINT to the process that called launch (a terminal's Ctrl-C, a notebook's "interrupt kernel")."""
+    out = tmp_path / "run"
+    script = (f"import sys; sys.path[:0] = {[str(Path(__file__).parent)]!r}\n"
+              f"from pathlib import Path\nimport test_launch as t\n"
+              f"t._hanging_launch({tiny_model!r}, Path({str(out)!r}), Path({str(tmp_path)!r}), timeout_s=300)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        log = out / "launch.log"
+        while not (log.exists() and "RPO_TEST_HANGING" in log.read_text(errors="replace")):
+            assert launcher.poll() is None, launcher.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "the launch did not reach its hang"
+            time.sleep(0.2)
+        pids = _recorded_pids(out)
+        launcher.send_signal(signal.SIGINT)
+        output = launcher.communicate(timeout=120)[0].decode()
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
+    _assert_none_alive(pids)
+
+
+def test_two_machines_sharing_an_output_directory_keep_their_own_files(tiny_model, tmp_path_factory, tmp_path):
+    """Two launchers with num_machines=2 on one host and one shared output directory: each writes its own job file
+    and log and clears only its own processes' files, and the run trains as one machine's 2 processes do."""
+    import socket
+    import threading
+
+    import rpo_lib.launch
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "shared"
+    options = {"model": tiny_model, "data": DATA, "output_dir": out, "num_processes": 2, "num_machines": 2,
+               "main_address": "127.0.0.1", "main_port": port, "lora": _lora(), "echo": False, "timeout_s": 300}
+    results: dict[int, object] = {}
+
+    def machine(rank):
+        try:
+            results[rank] = rpo_lib.launch(_config("rpo"), machine_rank=rank, **options)
+        except BaseException as error:  # noqa: BLE001  (reported below)
+            results[rank] = error
+
+    second = threading.Thread(target=machine, args=(1,))
+    second.start()
+    machine(0)
+    second.join(timeout=400)
+    assert not isinstance(results[0], BaseException), results[0]
+    assert not isinstance(results[1], BaseException), results[1]
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert {"job.machine0.json", "job.machine1.json", "launch.machine0.log", "launch.machine1.log"} <= set(names)
+    assert "job.json" not in names and "launch.log" not in names
+    assert sorted(p.name for p in (out / "pids").iterdir()) == ["rank0", "rank1"]  # each machine's own rank
+    for rank in (0, 1):
+        assert json.loads((out / f"job.machine{rank}.json").read_text())["output_dir"] == str(out.resolve())
+    _assert_same_run(_launch(tiny_model, tmp_path_factory, "rpo", 2, "ddp"), results[0])
 
 
 # ------------------------------------------------------------------------------------------ the interfaces
@@ -252,7 +370,7 @@ def test_the_command_line_prints_accelerates_command_for_several_machines(tmp_pa
                         ("--main_process_ip", "node-0"), ("--main_process_port", "29500")]:
         assert printed[printed.index(flag) + 1] == value
     assert "--multi_gpu" in printed
-    assert printed[-4:] == ["-m", "rpo_lib.launch", "--worker", str(tmp_path.resolve() / "job.json")]
+    assert printed[-4:] == ["-m", "rpo_lib.launch", "--worker", str(tmp_path.resolve() / "job.machine1.json")]
 
 
 def test_settings_and_mistakes_are_reported():
