@@ -252,14 +252,15 @@ def _decoder_layers(model: Any) -> list[torch.nn.Module]:
 def fully_shard_model(model: Any) -> Any:
     """FSDP2 on ``model`` in place: every decoder layer its own unit, the rest in the root's.
 
-    Frozen 4-bit weights whose storage is an integer dtype cannot be cut into DTensors (their quantisation
-    state would be lost): they stay whole on every process (``ignored_params``), as accelerate does. Load the
-    model with a float storage dtype (``load_policy`` does under FSDP) to shard them too.
+    Frozen quantised weights that cannot be cut into DTensors without losing their quantisation state stay whole
+    on every process (``ignored_params``), as accelerate does: 4-bit weights whose storage is an integer dtype
+    (load the model with a float storage dtype, as ``load_policy`` does under FSDP, to shard them too) and 8-bit
+    weights (LLM.int8() keeps its scales in the parameter's ``CB``/``SCB`` attributes, which a shard would lose).
     """
     from torch.distributed.fsdp import fully_shard
 
-    ignored = {p for p in model.parameters()
-               if type(p).__name__ == "Params4bit" and not p.requires_grad and not p.is_floating_point()}
+    ignored = {p for p in model.parameters() if not p.requires_grad and (
+        (type(p).__name__ == "Params4bit" and not p.is_floating_point()) or type(p).__name__ == "Int8Params")}
     options: dict[str, Any] = {"ignored_params": ignored} if ignored else {}
     for layer in _decoder_layers(model):
         fully_shard(layer, **options)
