@@ -8,6 +8,7 @@ a tiny local model on a CPU, which is how the tests and the CPU notebooks run th
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["REF_ADAPTER", "LoraSettings", "TinyLMConfig", "base_model", "compute_dtype", "disable_dropout",
-           "enable_checkpointing", "find_dropout", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy",
-           "prepare_for_kbit_training", "quantization_config", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
+__all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "LoraSettings", "TinyLMConfig", "base_model", "compute_dtype",
+           "disable_dropout", "enable_checkpointing", "find_dropout", "frozen_copy", "keep_4bit_trainable_on_cpu",
+           "launch_device", "load_policy", "prepare_for_kbit_training", "quantization_config", "tiny_causal_lm",
+           "tiny_checkpoint", "with_lora"]
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop")
 
@@ -61,6 +63,26 @@ def tiny_causal_lm(config: TinyLMConfig | None = None, *, seed: int = 0, dtype: 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_config)
     return model.to(dtype).eval()  # type: ignore[arg-type]
+
+
+def frozen_copy(model: Any) -> Any:
+    """A frozen copy of ``model`` (the reference policy of full fine-tuning), in eval mode.
+
+    When the model keeps float32 master weights and computes in a 16-bit dtype (``load_policy``), the copy stores
+    its linear layers in that dtype: autocast casts them to it before every matmul anyway, so the copy computes the
+    same log-probabilities in half the memory. Embeddings, norms and anything shared with them stay as they are
+    (autocast does not cast those)."""
+    dtype = compute_dtype(model)
+    memo: dict[int, Any] = {}
+    if dtype in (torch.bfloat16, torch.float16):
+        shared = {id(p) for module in model.modules() if not isinstance(module, torch.nn.Linear)
+                  for p in module.parameters(recurse=False)}
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                for p in module.parameters(recurse=False):
+                    if p.dtype == torch.float32 and id(p) not in shared:
+                        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
 def with_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
@@ -230,13 +252,18 @@ def base_model(model: Any) -> Any:
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
+COMPUTE_DTYPE_ATTRIBUTE = "rpo_compute_dtype"  # set by load_policy on full fine-tuning with float32 master weights
+
+
 def compute_dtype(model: Any) -> torch.dtype:
-    """The dtype a model computes its activations in: a 4-bit layer's compute dtype, else its frozen floating-point
-    weights' dtype (the trained ones may be float32 adapters), else its first floating-point weight's."""
-    for module in model.modules():
-        dtype = getattr(module, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
+    """The dtype a model computes its activations in: the one ``load_policy`` recorded for float32 master weights
+    (``rpo_compute_dtype``), else a 4-bit layer's compute dtype, else its frozen floating-point weights' dtype (the
+    trained ones may be float32 adapters), else its first floating-point weight's."""
+    for attribute in (COMPUTE_DTYPE_ATTRIBUTE, "compute_dtype"):
+        for module in model.modules():
+            dtype = getattr(module, attribute, None)
+            if isinstance(dtype, torch.dtype):
+                return dtype
     floats = [p for p in model.parameters() if p.is_floating_point()]
     frozen = [p for p in floats if not p.requires_grad]
     return (frozen or floats)[0].dtype
@@ -255,7 +282,8 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
                 gradient_checkpointing: bool = True, attn_implementation: str = "sdpa",
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 tokenizer: str | os.PathLike | None = None, trust_remote_code: bool = False,
-                revision: str | None = None, shardable: bool = False) -> tuple[Any, Any]:
+                revision: str | None = None, shardable: bool = False,
+                master_dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a Hugging Face causal LM, ready for preference training on one device.
 
     Args:
@@ -270,7 +298,13 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
         gradient_checkpointing: recompute each layer's activations in the backward pass (non-reentrant).
         attn_implementation: ``"sdpa"`` (any device), ``"eager"``, or ``"flash_attention_2"`` (a GPU with
             flash-attn installed: true variable-length attention for ``rpo_lib.packing``).
-        dtype: weights and compute; default bfloat16 on a GPU, float32 on a CPU.
+        dtype: the compute dtype (and the frozen weights'); default bfloat16 on a GPU, float32 on a CPU.
+        master_dtype: full fine-tuning only (``lora=None``, no quantisation): the dtype of the weights AdamW updates.
+            Default float32 (mixed precision, as TRL's float32 load with ``bf16=True`` and accelerate's
+            ``mixed_precision="bf16"``): the weights are kept in float32 and the trainer computes in ``dtype`` under
+            autocast. In bfloat16 a weight cannot change by less than about 1/256 of itself, so AdamW's updates at
+            a DPO learning rate (5e-7: about 1e-5 of a weight) are lost: measured on a GPU, one step moved 0.8% of
+            the weights against 84.8% in float32 (``tests/test_scale.py`` measures the same on a CPU).
         device: default ``launch_device()``: each process of a launcher loads onto its own GPU.
         tokenizer: where the tokenizer is, if not beside the model.
         trust_remote_code: run code shipped with the model (off: only architectures transformers knows).
@@ -288,8 +322,13 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
     if quantization is not None and lora is None and sft_adapter is None:
         raise ValueError(f"a {quantization} model's weights cannot be trained: give lora=LoraSettings() (QLoRA) or "
                          f"quantization=None for full fine-tuning.")
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "use_safetensors": True,
-                              "trust_remote_code": trust_remote_code, "revision": revision}
+    full = quantization is None and lora is None and sft_adapter is None
+    if master_dtype is not None and not full:
+        raise ValueError("master_dtype is for full fine-tuning (lora=None, quantization=None): LoRA adapters are "
+                         "float32 already, and quantised weights are frozen.")
+    weights_dtype = (master_dtype or torch.float32) if full else dtype
+    kwargs: dict[str, Any] = {"dtype": weights_dtype, "attn_implementation": attn_implementation,
+                              "use_safetensors": True, "trust_remote_code": trust_remote_code, "revision": revision}
     bnb = quantization_config(quantization, dtype, shardable=shardable)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
@@ -302,6 +341,8 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
                       f"cache).") from error
     if bnb is None:
         model = model.to(place)  # type: ignore[arg-type]  # transformers' wrapped .to accepts a device
+        if full and weights_dtype != dtype:
+            setattr(model, COMPUTE_DTYPE_ATTRIBUTE, dtype)  # the trainer computes in dtype under autocast
     elif place.type == "cpu":
         keep_4bit_trainable_on_cpu(model)
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code,

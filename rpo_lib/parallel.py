@@ -125,6 +125,11 @@ class SingleProcess:
         """This process's part of ``full``, laid out like ``like`` (a parameter or its optimizer state)."""
         return full
 
+    def main_copy(self, tensor: Tensor) -> Tensor | None:
+        """For writing a checkpoint: the whole tensor, copied to the CPU, in the first process; None in the others.
+        Every process must call it (a sharded tensor is gathered)."""
+        return self.full(tensor.detach()).cpu().clone()
+
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float | None) -> Tensor:
         """The global gradient norm (clipped to ``max_norm`` when given)."""
         return torch.nn.utils.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
@@ -230,6 +235,12 @@ class Distributed(SingleProcess):
         # Every process holds the whole tensor (all read the checkpoint): each keeps its own part, no traffic.
         return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
                                  src_data_rank=None)
+
+    def main_copy(self, tensor: Tensor) -> Tensor | None:
+        # One tensor at a time is gathered on every device (a collective), but only the first process copies it to
+        # host memory: a full fine-tuning checkpoint of a 7B model is held once per machine, not once per GPU.
+        whole = self.full(tensor.detach())
+        return whole.cpu().clone() if self.is_main else None
 
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float | None) -> Tensor:
         return self.full(super().clip_grad_norm(parameters, max_norm))  # FSDP's norm is a DTensor

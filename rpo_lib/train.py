@@ -62,7 +62,6 @@ the whole (gathered) state, so a run can resume with another number of processes
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import numbers
@@ -78,15 +77,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rpo_lib import checkpoints, losses
+from rpo_lib import checkpoints, losses, packing
 from rpo_lib._checks import DeferredChecks, deferred_checks
 from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
 from rpo_lib.models import (REF_ADAPTER, base_model, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
-                            keep_4bit_trainable_on_cpu)
-from rpo_lib import packing
+                            frozen_copy, keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.parallel import SingleProcess, micro_batches, shard
 from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
@@ -525,7 +523,7 @@ class Trainer:
             config.method != "sft" and not config.precompute_ref_logps)
         if not needs_model:
             return None
-        return copy.deepcopy(self.model).eval().requires_grad_(False)
+        return frozen_copy(self.model)
 
     def _online_rows(self) -> int | None:
         """Sequences per HyPO generation loop: the config's, else what half the free GPU memory holds.
@@ -938,15 +936,16 @@ class Trainer:
         torch.manual_seed(seed)
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def _trainable_state(self) -> dict[str, Tensor]:
-        """The trainable tensors, whole (gathered from every process where they are sharded), on the CPU."""
-        return {name: self.parallel.full(p.detach()).cpu().clone() for name, p in self.model.named_parameters()
-                if p.requires_grad}
+    def _trainable_state(self) -> dict[str, Tensor | None]:
+        """The trainable tensors, whole (gathered where they are sharded), on the CPU of the first process; the
+        others take part in the gathers and hold None (``rpo_lib.parallel``: ``main_copy``)."""
+        return {name: self.parallel.main_copy(p) for name, p in self.model.named_parameters() if p.requires_grad}
 
     def _optimizer_state(self) -> dict[str, Any]:
-        """``optimizer.state_dict()`` with every sharded tensor gathered whole: the same on any process count."""
+        """``optimizer.state_dict()`` with every tensor whole on the CPU of the first process (None elsewhere): the
+        same on any process count."""
         state = self.optimizer.state_dict()
-        state["state"] = {index: {key: self.parallel.full(value).cpu() if isinstance(value, Tensor) else value
+        state["state"] = {index: {key: self.parallel.main_copy(value) if isinstance(value, Tensor) else value
                                   for key, value in entry.items()} for index, entry in state["state"].items()}
         return state
 
@@ -1079,7 +1078,7 @@ class Trainer:
         With many processes every process must call it (sharded weights are gathered); the first one writes."""
         peft = _is_peft(self.model)
         state = self._trainable_state() if peft else {
-            name: self.parallel.full(value.detach()).cpu() for name, value in self.model.state_dict().items()}
+            name: self.parallel.main_copy(value) for name, value in self.model.state_dict().items()}
         if self.parallel.is_main:
             options = {"selected_adapters": [self.model.active_adapter]} if peft else {}
             self.model.save_pretrained(directory, state_dict=state, **options)

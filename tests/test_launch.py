@@ -248,6 +248,50 @@ def test_a_failing_rank_stops_the_launch_cleanly(tiny_model, tmp_path, fault):
     assert state["step"] == 2 and not skipped and path.name == checkpoints.checkpoint_name(2)
 
 
+def _checkpoint_copies(rank, world_size, init_file, model_dir, out):
+    """One process of a 2-process FSDP full fine-tuning run (gloo, no launcher): one step, then what the
+    checkpoint's state holds in this process."""
+    from types import SimpleNamespace
+
+    from rpo_lib.data import load_preferences
+    from rpo_lib.models import load_policy
+    from rpo_lib.parallel import Distributed
+    from rpo_lib.train import Trainer
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        accelerator = SimpleNamespace(process_index=rank, num_processes=world_size, device="cpu",
+                                      end_training=lambda: None)
+        model, tokenizer = load_policy(model_dir, quantization=None, lora=None, gradient_checkpointing=False,
+                                       device="cpu")
+        trainer = Trainer(model, tokenizer, list(load_preferences(DATA)), _config("dpo"),
+                          parallel=Distributed(accelerator, "fsdp"))
+        trainer._optimizer_step(0)
+        weights, optimizer = trainer._trainable_state(), trainer._optimizer_state()
+        values = list(weights.values()) + [v for entry in optimizer["state"].values() for k, v in entry.items()
+                                           if k != "step"]
+        sharded = sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
+        Path(out, f"rank{rank}.json").write_text(json.dumps({
+            "copied": sum(isinstance(v, torch.Tensor) for v in values), "none": sum(v is None for v in values),
+            "sharded": sharded, "whole": all(list(v.shape) == list(p.shape) for v, p in zip(
+                weights.values(), [p for p in model.parameters() if p.requires_grad], strict=True)
+                if isinstance(v, torch.Tensor))}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_full_fine_tuning_checkpoints_are_gathered_into_the_first_process_only(tiny_model, tmp_path):
+    """Every process takes part in the gathers, but only the first copies the whole weights and AdamW moments into
+    host memory (before, every process did: 16 bytes per parameter per GPU, in host memory)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_checkpoint_copies, args=(2, str(tmp_path / "init"), tiny_model, str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert first["sharded"] > 0 and second["sharded"] > 0  # FSDP sharded the weights
+    assert first["copied"] > 0 and first["none"] == 0 and first["whole"]
+    assert second["copied"] == 0 and second["none"] == first["copied"]
+
+
 # ------------------------------------------------------------------------------- nothing left running
 # Rank 1 hangs in step 1, deaf to SIGTERM, and rank 0 waits for it in a collective: what a stuck GPU job looks like.
 # Before the fix the workers, each in a session of its own, outlived the launcher's process group.
