@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps, on any machine")
     parser.add_argument("--out", type=Path, help="where the JSON goes (default: beside this script)")
+    parser.add_argument("--model-dir", help="a checkpoint of --shape built already (qlora_rpo_7b.build_checkpoint)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark measures a GPU: run it where torch.cuda.is_available(), or use --smoke.")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale = 16 if args.smoke else 1
     setting = {"pairs": 2, "prompt": 512 // scale, "answer": (512 // scale, 512 // scale), "steps": steps}
     work = Path(tempfile.mkdtemp(prefix="launch-bench-"))
-    path = qlora.build_checkpoint(args.shape, work, args.smoke)
+    path = args.model_dir or qlora.build_checkpoint(args.shape, work, args.smoke)
     rows = qlora.make_rows(setting, 2 * steps, seed=0, scale=scale)
     lora = LoraSettings(r=16, alpha=32)
     dtype = None if args.smoke else torch.bfloat16

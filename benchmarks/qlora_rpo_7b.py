@@ -15,9 +15,12 @@ every linear layer, sdpa, gradient checkpointing), RPO with beta=0.1 and a token
 - (d) HyPO: rpo_lib's step with k=2 online samples of 128 new tokens, against its RPO step (TRL has no HyPO).
 
 Throughput is real (non-pad) tokens per second over the whole run after a warm-up run, chosen and rejected counted;
-the peak is ``torch.cuda.max_memory_allocated``, beside the planner's prediction (``rpo_lib.memory``). Prints a
-table and writes ``qlora_rpo_7b.json`` (``--smoke``: ``qlora_rpo_7b-smoke.json``) beside this script. Nothing
-here is asserted about speed: ``tests/test_benchmarks.py`` runs the smoke mode and checks what it writes.
+the peak is ``torch.cuda.max_memory_allocated``, beside the planner's prediction (``rpo_lib.memory``), whole and
+by part (what stays, and the largest phase). Each side loads the model once for all its runs, and the two sides
+are never in memory together, so each peak is its own. Prints a table and writes ``qlora_rpo_7b.json``
+(``--smoke``: ``qlora_rpo_7b-smoke.json``) beside this script. Nothing here is asserted about speed:
+``tests/test_benchmarks.py`` runs the smoke mode and checks what it writes; ``benchmarks/gpu_check.py`` runs it
+on the Mistral-7B shape as part of the one GPU check.
 """
 
 from __future__ import annotations
@@ -125,10 +128,15 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def run_ours(path: str, rows: list[dict], setting: dict, *, precompute: bool, method: str = "rpo",
+def load_ours(path: str, smoke: bool) -> tuple:
+    """rpo_lib's model, loaded once for every run of a shape (the adapter trains on from run to run: random weights,
+    the figures are time and memory)."""
+    return load_policy(path, quantization="nf4", lora=LoraSettings(r=16, alpha=32),
+                       dtype=None if smoke else torch.bfloat16)
+
+
+def run_ours(model, tokenizer, rows: list[dict], setting: dict, *, precompute: bool, method: str = "rpo",
              smoke: bool) -> dict:
-    model, tokenizer = load_policy(path, quantization="nf4", lora=LoraSettings(r=16, alpha=32),
-                                   dtype=None if smoke else torch.bfloat16)
     max_length = max(sequence_lengths(tokenizer, rows))
     config = preset("qlora_7b", method=method, beta=0.1, eta=None, sft_weight=1.0, rpo_variant="trl",
                     batch_size=setting["pairs"], micro_batch_size=setting["pairs"], max_length=max_length,
@@ -140,19 +148,20 @@ def run_ours(path: str, rows: list[dict], setting: dict, *, precompute: bool, me
     del warm
     _reset_peak()
     _sync()
+    held_before = _allocated()
     start = time.perf_counter()
     trainer = Trainer(model, tokenizer, rows, config)
     trainer.train()
     _sync()
     seconds = time.perf_counter() - start
+    held_after = _allocated()  # the trainer's optimizer state is still alive
+    del trainer
     return {"seconds": seconds, "peak_gib": _peak_gib(), "tokens": real_tokens(tokenizer, rows),
-            "steps": setting["steps"], "max_length": max_length}
+            "steps": setting["steps"], "max_length": max_length, "held_before_gib": held_before,
+            "held_after_gib": held_after, **_micro_batch_tokens(tokenizer, rows, setting["pairs"])}
 
 
-def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smoke: bool, workdir: Path) -> dict:
-    import trl
-    from datasets import Dataset
-    from peft import LoraConfig
+def load_trl(path: str, smoke: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -162,6 +171,17 @@ def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smo
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
                                                  attn_implementation="sdpa",
                                                  device_map={"": 0} if torch.cuda.is_available() else "cpu")
+    return model, tokenizer
+
+
+def run_trl(model, tokenizer, rows: list[dict], setting: dict, *, precompute: bool, smoke: bool,
+            workdir: Path) -> tuple[dict, object]:
+    """TRL's DPOTrainer on the same rows, with a fresh LoRA adapter from ``peft_config`` (TRL's own QLoRA path);
+    returns the figures and the base model with the adapter taken out again, for the next run."""
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
     max_length = max(sequence_lengths(tokenizer, rows))
 
     def args(steps: int) -> trl.DPOConfig:
@@ -175,18 +195,45 @@ def run_trl(path: str, rows: list[dict], setting: dict, *, precompute: bool, smo
     warm = trl.DPOTrainer(model=model, args=args(1), train_dataset=Dataset.from_list(rows[:setting["pairs"]]),
                           processing_class=tokenizer, peft_config=lora)
     warm.train()
-    model = warm.model  # the peft model; a second DPOTrainer trains it on
+    model = warm.model.unload()  # the base model again (a PEFT model given to TRL would get a second, "ref" adapter)
     del warm
     _reset_peak()
     _sync()
     start = time.perf_counter()
     trainer = trl.DPOTrainer(model=model, args=args(setting["steps"]), train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)
+                             processing_class=tokenizer, peft_config=lora)
     trainer.train()
     _sync()
     seconds = time.perf_counter() - start
+    model = trainer.model.unload()
+    del trainer
     return {"seconds": seconds, "peak_gib": _peak_gib(), "tokens": real_tokens(tokenizer, rows),
-            "steps": setting["steps"], "max_length": max_length}
+            "steps": setting["steps"], "max_length": max_length}, model
+
+
+def _allocated() -> float | None:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _micro_batch_tokens(tokenizer, rows: list[dict], pairs: int) -> dict[str, int]:
+    """The largest micro-batch any order of ``rows`` can make (the ``pairs`` longest pairs): real tokens and
+    completion tokens, what the planner needs for padding-free batches."""
+    per_pair = []
+    for row in rows:
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        total = [len(tokenizer(row["prompt"] + row[key])["input_ids"]) + 1 for key in ("chosen", "rejected")]
+        per_pair.append((sum(total), sum(t - prompt for t in total)))
+    longest = sorted(per_pair, reverse=True)[:pairs]
+    return {"micro_batch_real_tokens": sum(r for r, _ in longest),
+            "micro_batch_completion_tokens": sum(c for _, c in longest)}
+
+
+def plan_for(shape, row: dict, pairs: int, precompute: bool, method: str = "rpo") -> memory.MemoryPlan:
+    """The planner's prediction for a run of ours (padding-free micro-batches of the run's largest size)."""
+    return memory.plan_memory(shape, max_length=row["max_length"], pairs=pairs, precompute_ref=precompute,
+                              real_tokens=row["micro_batch_real_tokens"],
+                              completion_tokens=row["micro_batch_completion_tokens"], method=method,
+                              online_new_tokens=128)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,49 +241,82 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and lengths, 2 steps (CPU, make test)")
     parser.add_argument("--shapes", nargs="+", default=["mistral-7b", "llama-3-8b"])
     parser.add_argument("--skip-trl", action="store_true", help="rpo_lib only (TRL not installed)")
+    parser.add_argument("--steps", type=float, default=1.0, help="multiply every setting's steps (e.g. 0.5)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: beside this script)")
     args = parser.parse_args(argv)
-    from transformers import AutoConfig
-
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("the full benchmark needs a CUDA GPU (4-bit kernels, real sizes); run with --smoke here.")
-    scale = 16 if args.smoke else 1
-    shapes = args.shapes[:1] if args.smoke else args.shapes
     result: dict = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(0) if
                     torch.cuda.is_available() else platform.processor() or platform.machine(),
                     "torch": torch.__version__, "smoke": args.smoke, "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in shapes:
-            path = build_checkpoint(shape, Path(tmp), args.smoke)
-            for name, setting in settings(args.smoke).items():
-                setting = {**setting, "steps": 2 if args.smoke else setting["steps"]}
-                if args.smoke or shape == "mistral-7b" or name == "c_long":
-                    rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=0, scale=scale)
-                    for precompute in (False, True):
-                        row = {"shape": shape, "setting": name, "precompute_ref": precompute,
-                               "ours": run_ours(path, rows, setting, precompute=precompute, smoke=args.smoke)}
-                        if not args.skip_trl:
-                            row["trl"] = run_trl(path, rows, setting, precompute=precompute, smoke=args.smoke,
-                                                 workdir=Path(tmp))
-                        planned = shape if not args.smoke else memory.ModelShape.from_config(
-                            AutoConfig.from_pretrained(path))
-                        plan = memory.plan_memory(planned, max_length=row["ours"]["max_length"],
-                                                  pairs=setting["pairs"], precompute_ref=precompute)
-                        row["planned_gib"] = plan.total_gib
-                        result["runs"].append(row)
-                        print(_line(row), flush=True)
-            if args.smoke or shape == "mistral-7b":  # (d) HyPO against RPO, fixed lengths
-                setting = {**settings(args.smoke)["a_fixed"], "steps": 2 if args.smoke else 4}
-                rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=1, scale=scale)
-                rpo = run_ours(path, rows, setting, precompute=False, smoke=args.smoke)
-                hypo = run_ours(path, rows, setting, precompute=False, method="hypo", smoke=args.smoke)
-                result["hypo"] = {"shape": shape, "rpo": rpo, "hypo": hypo,
-                                  "hypo_step_over_rpo_step": hypo["seconds"] / rpo["seconds"]}
-                print(f"HyPO step / RPO step: {hypo['seconds'] / rpo['seconds']:.2f}x", flush=True)
     out = args.out or HERE / ("qlora_rpo_7b-smoke.json" if args.smoke else "qlora_rpo_7b.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
+        for shape in (args.shapes[:1] if args.smoke else args.shapes):
+            run_shape(shape, Path(tmp), result, smoke=args.smoke, skip_trl=args.skip_trl, steps=args.steps)
+            out.write_text(json.dumps(result, indent=1) + "\n")  # what is measured so far, after each shape
     print(f"wrote {out}")
     return result
+
+
+def _scratch() -> str | None:
+    """Where the random 7B checkpoints go: memory (/dev/shm) when it has room for them, else the temporary dir."""
+    shm = Path("/dev/shm")
+    try:
+        return str(shm) if shm.is_dir() and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 40 * 2**30 else None
+    except OSError:
+        return None
+
+
+def run_shape(shape: str, tmp: Path, result: dict, *, smoke: bool, skip_trl: bool, steps: float = 1.0,
+              path: str | None = None) -> None:
+    """Every setting of one shape: rpo_lib's runs on one loaded model, then TRL's on its own (one side in memory at a
+    time, so each peak is its own), then (d) HyPO against RPO. ``path``: a checkpoint of that shape built already."""
+    from transformers import AutoConfig
+
+    scale = 16 if smoke else 1
+    path = path or build_checkpoint(shape, tmp, smoke)
+    planned = memory.ModelShape.from_config(AutoConfig.from_pretrained(path))
+    runs = []
+    for name, setting in settings(smoke).items():
+        setting = {**setting, "steps": 2 if smoke else max(1, round(setting["steps"] * steps))}
+        if smoke or shape == "mistral-7b" or name == "c_long":
+            rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=0, scale=scale)
+            runs += [(name, setting, rows, precompute) for precompute in (False, True)]
+    model, tokenizer = load_ours(path, smoke)
+    rows_out = []
+    for name, setting, rows, precompute in runs:
+        ours = run_ours(model, tokenizer, rows, setting, precompute=precompute, smoke=smoke)
+        plan = plan_for(planned, ours, setting["pairs"], precompute)
+        rows_out.append({"shape": shape, "setting": name, "precompute_ref": precompute, "ours": ours,
+                         "planned_gib": plan.total_gib, "planned_parts_gib": _gib_parts(plan)})
+    hypo = None
+    if smoke or shape == "mistral-7b":  # (d) HyPO against RPO, fixed lengths
+        setting = {**settings(smoke)["a_fixed"], "steps": 2 if smoke else max(1, round(4 * steps))}
+        rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=1, scale=scale)
+        rpo = run_ours(model, tokenizer, rows, setting, precompute=False, smoke=smoke)
+        step = run_ours(model, tokenizer, rows, setting, precompute=False, method="hypo", smoke=smoke)
+        hypo = {"shape": shape, "rpo": rpo, "hypo": step, "hypo_step_over_rpo_step": step["seconds"] / rpo["seconds"],
+                "planned_gib": plan_for(planned, step, setting["pairs"], False, "hypo").total_gib}
+    del model
+    _reset_peak()
+    if not skip_trl:
+        trl_model, trl_tokenizer = load_trl(path, smoke)
+        for row, (name, setting, rows, precompute) in zip(rows_out, runs, strict=True):
+            row["trl"], trl_model = run_trl(trl_model, trl_tokenizer, rows, setting, precompute=precompute,
+                                            smoke=smoke, workdir=tmp)
+        del trl_model
+        _reset_peak()
+    for row in rows_out:
+        result["runs"].append(row)
+        print(_line(row), flush=True)
+    if hypo is not None:
+        result["hypo"] = hypo
+        print(f"HyPO step / RPO step: {hypo['hypo_step_over_rpo_step']:.2f}x", flush=True)
+
+
+def _gib_parts(plan: memory.MemoryPlan) -> dict[str, float]:
+    parts = {name: value / 2**30 for name, value in plan.parts.items()}
+    return {**parts, "fixed": plan.fixed_bytes / 2**30, "largest phase": max(plan.phase_bytes.values()) / 2**30}
 
 
 def _line(row: dict) -> str:

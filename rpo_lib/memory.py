@@ -14,11 +14,18 @@ The peak of one optimizer micro-step is the sum of
   the compute dtype (``rpo_lib.models.prepare_for_kbit_training`` does not upcast them; ``upcast_frozen=True``
   counts peft's float32 copies, as TRL makes them);
 - **trainable state**: LoRA weights in float32 with their gradients and AdamW's two moments (16 bytes each);
-  for full fine-tuning every weight, its gradient and two moments in the weights' dtype;
+  for full fine-tuning every weight in its master dtype (float32: ``rpo_lib.models.load_policy`` keeps float32
+  master weights and computes in bf16), its gradient and two AdamW moments in the same dtype: 16 bytes per
+  parameter in all (``master_bytes=2``: 8, and most small updates lost);
+- **the reference copy** (full fine-tuning, unless the reference log-probs are precomputed and nothing else needs
+  the reference): the trainer's frozen copy, its linear layers in the compute dtype and the rest as the master
+  weights (``rpo_lib.models.frozen_copy``), whole on every GPU (it is not sharded);
 - **activations**: what autograd keeps for the backward pass (below), for every layer without checkpointing,
   or each layer's input plus one recomputed layer with it;
 - **logits**: a full (T, V) block in bfloat16, its float32 copy and float32 log-softmax (what a padded DPO
-  loss builds), or ``rpo_lib.logprobs``' chunks (``logits="chunked"``);
+  loss builds, ``logits="full"``), or ``rpo_lib.logprobs``' way (``"chunked"``): the model's logits in the
+  compute dtype at the positions that are scored (every position of a padded batch; only the completion tokens of
+  a packed one, ``completion_tokens``), and float32 chunks of them;
 - **reference pass**: one layer's working set and its logits (nothing if the reference log-probs are
   precomputed);
 - **HyPO**: the KV cache of the online samples and the activations of scoring them.
@@ -29,8 +36,10 @@ layers' weights and the trainable state by the number of GPUs, keeps the root un
 norm) whole through the step, and adds the layers it has gathered whole: the one running and the next,
 prefetched. Activations, logits and the HyPO parts are per micro-batch, the same on 1 GPU or 8.
 
-The weights and the trainable state stay; the other parts live in phases of the step that never overlap (the
-reference pass, the policy's forward and backward, HyPO's sampling, HyPO's scoring), so the peak counts the largest.
+The weights, the trainable state and the reference copy stay, and their size is known to the byte; the other parts
+live in phases of the step that never overlap (the reference pass, the policy's forward and backward, HyPO's
+sampling, HyPO's scoring), so the peak counts the largest. ``ALLOCATOR_SLACK`` is added to that phase only: what
+varies from step to step (activations, logits, the allocator's fragmentation and workspaces), not the weights.
 
 Activations per token and layer of a Llama/Mistral decoder with LoRA on every linear layer, bfloat16 autocast::
 
@@ -58,7 +67,7 @@ __all__ = ["ACTIVATION_BYTES", "ALLOCATOR_SLACK", "GPU_SIZES_GB", "MemoryPlan", 
 GiB = 2**30
 GPU_SIZES_GB = (16, 24, 40, 80)  # nominal sizes: T4 / V100-16; A10 / L4 / RTX 4090; A100-40; A100-80 / H100
 CUDA_CONTEXT_GIB = 0.75  # the CUDA context and kernels, outside torch's allocator, subtracted from a GPU's size
-ALLOCATOR_SLACK = 0.10  # fragmentation and transient workspaces, added to the sum of the parts
+ALLOCATOR_SLACK = 0.10  # fragmentation and transient workspaces: a margin on the per-step phase (not the weights)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # per weight: 4 bits, an 8-bit scale per 64, a float32 scale per 256
 INT8_BYTES = 1.0  # per weight, plus a float32 scale per output row (counted separately)
 CHUNK_BYTES = 3 * 4 * (1 << 22)  # rpo_lib.logprobs: a chunk of 4M float32 logits, its softmax and gradient
@@ -175,13 +184,21 @@ class MemoryPlan:
     shape: ModelShape
 
     @property
+    def fixed_bytes(self) -> float:
+        """What stays through the step: weights, trainable state, a reference copy, DDP's buckets, FSDP's layers."""
+        return sum(self.parts[name] for name in self.parts if name not in _PHASES)
+
+    @property
+    def phase_bytes(self) -> dict[str, float]:
+        """Each phase of the step and what lives in it (the parts that come and go)."""
+        return {phase: sum(self.parts.get(name, 0.0) for name in names) for phase, names in _PHASES_BY_STEP.items()}
+
+    @property
     def total_bytes(self) -> float:
-        """Weights and trainable state, plus the largest of the step's phases (they never overlap: the reference
-        pass ends before the policy's forward, HyPO's samples are drawn before either and scored after the offline
-        backward), plus ``ALLOCATOR_SLACK``."""
-        fixed = sum(self.parts[name] for name in self.parts if name not in _PHASES)
-        phases = {phase: sum(self.parts.get(name, 0.0) for name in names) for phase, names in _PHASES_BY_STEP.items()}
-        return (fixed + max(phases.values())) * (1 + ALLOCATOR_SLACK)
+        """What stays, plus the largest of the step's phases (they never overlap: the reference pass ends before the
+        policy's forward, HyPO's samples are drawn before either and scored after the offline backward) with
+        ``ALLOCATOR_SLACK`` on it."""
+        return self.fixed_bytes + max(self.phase_bytes.values()) * (1 + ALLOCATOR_SLACK)
 
     @property
     def total_gib(self) -> float:
@@ -225,8 +242,8 @@ class MemoryPlan:
         lines = [f"{name:<{width}}  {value / GiB:7.2f} GiB" for name, value in self.parts.items()]
         if self.settings.get("num_gpus", 1) > 1:
             lines.insert(0, f"per GPU, {self.settings['num_gpus']} GPUs with {self.settings['strategy'].upper()}:")
-        lines.append(f"{'peak (+' + format(ALLOCATOR_SLACK, '.0%') + ' slack)':<{width}}  {self.total_gib:7.2f} GiB   "
-                     f"(weights + state + the largest phase)")
+        lines.append(f"{'peak':<{width}}  {self.total_gib:7.2f} GiB   (what stays + the largest phase, +"
+                     f"{ALLOCATOR_SLACK:.0%} on that phase)")
         for size in GPU_SIZES_GB:
             advice = self.advice(size) if not self.fits(size) else {}
             verdict = "fits" if not advice else "fits with " + ", ".join(f"{k}={v}" for k, v in advice.items())
@@ -240,9 +257,10 @@ class MemoryPlan:
 def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: int | None = 16,
                 quantization: Quantization | None = "nf4", gradient_checkpointing: bool = True,
                 logits: Literal["chunked", "full"] = "chunked", precompute_ref: bool = False,
-                real_tokens: int | None = None, method: str = "rpo", k_online: int = 2, online_new_tokens: int = 128,
-                prompt_length: int | None = None, upcast_frozen: bool = False, autocast: bool = True,
-                dtype_bytes: int = 2, num_gpus: int = 1, strategy: Literal["ddp", "fsdp"] = "ddp") -> MemoryPlan:
+                real_tokens: int | None = None, completion_tokens: int | None = None, method: str = "rpo",
+                k_online: int = 2, online_new_tokens: int = 128, prompt_length: int | None = None,
+                upcast_frozen: bool = False, autocast: bool = True, dtype_bytes: int = 2, master_bytes: int = 4,
+                num_gpus: int = 1, strategy: Literal["ddp", "fsdp"] = "ddp") -> MemoryPlan:
     """Predict the peak memory of one training micro-step (see the module docstring for what is counted).
 
     Args:
@@ -250,7 +268,11 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
         max_length: tokens per sequence (prompt + completion); ``pairs`` chosen/rejected pairs per micro-batch,
             so ``2 x pairs x max_length`` tokens per forward when padded.
         real_tokens: with padding-free batches, the tokens actually in the micro-batch (default: the padded count).
+        completion_tokens: with padding-free batches, the completion tokens among them (only they get logits);
+            default: ``real_tokens`` (an upper bound).
         lora_r: LoRA rank on every linear layer; ``None``: full fine-tuning.
+        master_bytes: full fine-tuning: bytes of a trained weight (4: float32 master weights, ``load_policy``'s
+            default; 2: bf16 weights, ``master_dtype=torch.bfloat16``).
         quantization: ``"nf4"``, ``"int8"`` or ``None`` (weights in the compute dtype, ``dtype_bytes`` each).
         logits: ``"chunked"`` (``rpo_lib``) or ``"full"`` (a (T, V) block, as TRL computes it).
         precompute_ref: the reference log-probs are computed before training (no reference pass in the step).
@@ -272,7 +294,8 @@ def plan_memory(model: Any, *, max_length: int = 1024, pairs: int = 2, lora_r: i
     settings: dict[str, Any] = {
                 "max_length": max_length, "pairs": pairs, "lora_r": lora_r, "quantization": quantization,
                 "gradient_checkpointing": gradient_checkpointing, "logits": logits, "precompute_ref": precompute_ref,
-                "real_tokens": real_tokens, "method": method, "k_online": k_online,
+                "real_tokens": real_tokens, "completion_tokens": completion_tokens, "method": method,
+                "k_online": k_online, "master_bytes": master_bytes,
                 "online_new_tokens": online_new_tokens, "prompt_length": prompt_length,
                 "upcast_frozen": upcast_frozen, "autocast": autocast, "dtype_bytes": dtype_bytes,
                 "num_gpus": num_gpus, "strategy": strategy}
@@ -291,23 +314,27 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
     scales = shape.num_hidden_layers * sum(out for _, out in shape.linear_shapes()) * 4 \
         if s["quantization"] == "int8" else 0
     frozen_bytes = 4 if s["upcast_frozen"] else dtype_bytes
-    layer_weights = shape.linear_parameters() * per_weight + scales  # what FSDP shards
-    weights = layer_weights + shape.other_parameters() * frozen_bytes
-    if lora_r is None:  # full fine-tuning: weights, gradients and two AdamW moments in the weights' dtype
-        if s["quantization"] is not None:
-            raise ValueError("quantised weights cannot be fine-tuned in full: give lora_r (QLoRA) or "
-                             "quantization=None.")
-        trainable = 3 * shape.parameters() * dtype_bytes
-        gradient_bytes = shape.parameters() * dtype_bytes
+    full = lora_r is None
+    if full and s["quantization"] is not None:
+        raise ValueError("quantised weights cannot be fine-tuned in full: give lora_r (QLoRA) or quantization=None.")
+    master = s.get("master_bytes", 4)
+    if full:  # the trained weights in their master dtype; gradients and AdamW's two moments in the same dtype
+        layer_weights = shape.linear_parameters() * master
+        weights = layer_weights + shape.other_parameters() * master
+        trainable = 3 * shape.parameters() * master
+        gradient_bytes = shape.parameters() * master
     else:
+        layer_weights = shape.linear_parameters() * per_weight + scales  # what FSDP shards
+        weights = layer_weights + shape.other_parameters() * frozen_bytes
         trainable = shape.lora_parameters(lora_r) * 16
         gradient_bytes = shape.lora_parameters(lora_r) * 4
     gpus = s["num_gpus"]
     sharded = s["strategy"] == "fsdp" and gpus > 1
     if sharded:
-        weights = layer_weights / gpus + shape.other_parameters() * frozen_bytes
+        weights = layer_weights / gpus + (shape.other_parameters() * (master if full else frozen_bytes))
         trainable /= gpus
     tokens = s["real_tokens"] or 2 * s["pairs"] * s["max_length"]
+    scored = (s["completion_tokens"] or tokens) if s["real_tokens"] else tokens  # positions given logits
     per_layer = activation_bytes_per_token(shape, lora_r=lora_r or 0, autocast=s["autocast"])
     layers, hidden = shape.num_hidden_layers, shape.hidden_size
 
@@ -319,23 +346,27 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
     def logit_bytes(n_tokens: int) -> float:
         if s["logits"] == "full":  # bf16 logits, their float32 copy and the float32 log-softmax kept for backward
             return n_tokens * shape.vocab_size * (dtype_bytes + 4 + 4)
-        return CHUNK_BYTES + n_tokens * 4 * 2  # one chunk, plus a log-normaliser and a log-prob per token
+        # the model's logits at the scored positions, one float32 chunk, a log-normaliser and a log-prob per token
+        return n_tokens * shape.vocab_size * dtype_bytes + CHUNK_BYTES + n_tokens * 4 * 2
 
     parts = {
         "weights": weights,
-        "LoRA + AdamW state" if lora_r is not None else "gradients + AdamW state": trainable,
+        "LoRA + AdamW state" if not full else "gradients + AdamW state": trainable,
     }
+    reference_needed = s["method"] == "hypo" or not s["precompute_ref"]
+    if full and reference_needed:  # rpo_lib.models.frozen_copy: linear layers in the compute dtype, whole per GPU
+        parts["reference copy"] = shape.linear_parameters() * dtype_bytes + shape.other_parameters() * master
     if sharded:  # the running layer and the prefetched next one, gathered whole (with their LoRA weights)
-        lora_weights = shape.lora_parameters(lora_r) * 4 if lora_r is not None else 0
+        lora_weights = shape.lora_parameters(lora_r) * 4 if not full else 0
         parts["FSDP gathered layers"] = 2 * (layer_weights + lora_weights) / layers
     elif gpus > 1:
         parts["DDP gradient buckets"] = gradient_bytes
     parts.update({
         "activations": activations(tokens),
-        "logits": logit_bytes(tokens),
+        "logits": logit_bytes(scored),
     })
     if not s["precompute_ref"]:  # a no-grad forward: one layer's working set and the logits
-        parts["reference pass"] = tokens * per_layer + logit_bytes(tokens) * (0.6 if s["logits"] == "full" else 1)
+        parts["reference pass"] = tokens * per_layer + logit_bytes(scored) * (0.6 if s["logits"] == "full" else 1)
     if s["method"] == "hypo":
         prompt = s["prompt_length"] or s["max_length"] // 2
         rows = s["pairs"] * s["k_online"]

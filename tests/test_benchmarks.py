@@ -44,3 +44,30 @@ def test_launch_benchmark_smoke_mode_times_both_sides(tmp_path):
     for side in ("plain", "launched"):
         assert result[side]["seconds"] > 0  # recorded, never compared
     assert math.isfinite(result["launched_over_plain"])
+
+
+def test_the_gpu_check_smoke_mode_runs_every_part_through_its_shell_command(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the one command a GPU window runs, on tiny shapes (structure, never speed)."""
+    import os
+    import subprocess
+    import sys
+
+    from rpo_lib.families import FAMILIES
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(out), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((out / "gpu_check.json").read_text())
+    assert figures["smoke"] is True and not figures["errors"] and not figures["skipped"]
+    assert {row["family"] for row in figures["packing"]["rows"]} == set(FAMILIES)
+    for row in figures["packing"]["rows"]:
+        for mode in ("mask", "varlen"):
+            assert (row[mode] == "refused") == (FAMILIES[row["family"]].packing[mode] == "refused"), row
+    assert len(figures["qlora"]["runs"]) == 6 and "hypo" in figures["qlora"]
+    assert isinstance(figures["launch"]["launched_over_plain"], float)
+    assert [row["figure"] for row in figures["targets"]][:2] == ["tokens/s against TRL, fixed 2 x 1,024",
+                                                                 "tokens/s against TRL, variable lengths"]
+    assert len(figures["targets"]) == 6
+    assert "SMOKE RUN" in (out / "gpu_check.md").read_text()

@@ -285,7 +285,7 @@ def test_plan_parts_and_advice():
     advice = no_ckpt.advice(16)
     assert advice and memory.replace(no_ckpt, **advice).fits(16)
     assert "gradient_checkpointing" in advice
-    full = memory.replace(plan, quantization=None, lora_r=None)  # full fine-tuning in bf16: 3 x 14.5 GB
+    full = memory.replace(plan, quantization=None, lora_r=None)  # full fine-tuning: 16 bytes x 7.2B + a copy
     advice = full.advice(16)
     assert not full.fits(40) and advice["lora_r"] == 16 and advice["quantization"] == "nf4"
     assert memory.replace(full, **advice).fits(16)
@@ -322,6 +322,30 @@ def test_tiny_reward_model_is_tiny_and_scores(checkpoint, tmp_path):
     assert sum(p.numel() for p in reward.model.parameters()) < 100_000
     scores = reward_scores(reward, ["why is the sky blue", "a prime number"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_the_margin_is_on_what_varies_and_full_fine_tuning_counts_what_the_trainer_holds():
+    """ALLOCATOR_SLACK is added to the largest phase only, not to the weights. Full fine-tuning holds float32 master
+    weights, float32 gradients and two float32 AdamW moments (16 bytes per parameter), and the frozen reference
+    copy (linear layers in bf16, the rest in float32) unless the reference log-probs are precomputed."""
+    from rpo_lib.memory import ALLOCATOR_SLACK, SHAPES, GiB
+
+    plan = memory.plan_memory("mistral-7b", max_length=1024, pairs=2)
+    fixed = plan.parts["weights"] + plan.parts["LoRA + AdamW state"]
+    assert plan.fixed_bytes == fixed
+    assert plan.total_bytes == pytest.approx(fixed + max(plan.phase_bytes.values()) * (1 + ALLOCATOR_SLACK))
+    shape = SHAPES["mistral-7b"]
+    full = memory.plan_memory(shape, lora_r=None, quantization=None, max_length=1024, pairs=1)
+    assert full.parts["weights"] + full.parts["gradients + AdamW state"] == 16 * shape.parameters()
+    copy_bytes = 2 * shape.linear_parameters() + 4 * shape.other_parameters()
+    assert full.parts["reference copy"] == copy_bytes and 13.5 < copy_bytes / GiB < 14.5
+    precomputed = memory.replace(full, precompute_ref=True)
+    assert "reference copy" not in precomputed.parts and "reference pass" not in precomputed.parts
+    assert "reference copy" in memory.replace(precomputed, method="hypo").parts  # HyPO scores its samples under it
+    bf16 = memory.replace(full, master_bytes=2)
+    assert bf16.parts["weights"] + bf16.parts["gradients + AdamW state"] == 8 * shape.parameters()
+    packed = memory.replace(plan, real_tokens=3000, completion_tokens=1000)
+    assert packed.parts["logits"] < memory.replace(plan, real_tokens=3000).parts["logits"]
 
 
 def test_plan_per_gpu_with_ddp_and_fsdp():
