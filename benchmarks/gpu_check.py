@@ -75,7 +75,8 @@ def packing_part(smoke: bool) -> dict:
     vocab = 256
     prompts, completions = [], []
     for _ in range(8):
-        p, c = int(torch.randint(2, 24, (1,), generator=generator)), int(torch.randint(4, 40, (1,), generator=generator))
+        p = int(torch.randint(2, 24, (1,), generator=generator))
+        c = int(torch.randint(4, 40, (1,), generator=generator))
         prompts.append([1] + torch.randint(3, vocab, (p - 1,), generator=generator).tolist())
         completions.append(torch.randint(3, vocab, (c,), generator=generator).tolist())
     counts = torch.tensor([len(c) for c in completions], dtype=torch.float32, device=device)
@@ -211,7 +212,8 @@ def markdown(figures: dict) -> str:
     planner = figures.get("planner", {}).get("rows", [])
     if planner:
         lines += ["", "## The planner, part by part (GiB)", "",
-                  "| run | planned | measured | error | stays: planned / measured | phase: planned (no margin) / measured |",
+                  "| run | planned | measured | error | stays: planned / measured "
+                  "| phase: planned (no margin) / measured |",
                   "|---|---|---|---|---|---|"]
         for row in planner:
             fixed, phase = row.get("fixed"), row.get("largest phase")

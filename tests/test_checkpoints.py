@@ -33,7 +33,8 @@ def test_resume_reproduces_the_uninterrupted_run(reference, pairs, method, tmp_p
     straight = Trainer(copy.deepcopy(model), tokenizer, pairs, config, ref_model=model,
                        evaluate=_evaluator(tokenizer))
     history = straight.train()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoint-000006.pt", "checkpoint-000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [  # each with its checksum; rotation took both
+        "checkpoint-000006.pt", "checkpoint-000006.pt.sha256", "checkpoint-000008.pt", "checkpoint-000008.pt.sha256"]
     resumed = Trainer(copy.deepcopy(model), tokenizer, pairs, config, ref_model=model,
                       evaluate=_evaluator(tokenizer))
     resumed.train(resume=tmp_path / "a" / "checkpoint-000006.pt")
@@ -272,3 +273,70 @@ def test_an_explicit_damaged_file_and_a_directory_of_them_are_clear_errors(refer
 def test_resume_and_overwrite_together_is_an_error(reference, pairs, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         _trainer(reference, pairs, checkpoint_dir=str(tmp_path)).train(resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.8])
+def test_one_flipped_byte_is_caught_by_the_checksum_and_resume_falls_back(reference, pairs, tmp_path, capsys, where):
+    """A bad disk or a partial copy changes a byte: before checksums, such a file loaded without a word (3 of 3
+    positions) and training went on from corrupted state. Now it is refused like a truncated file."""
+    straight = _trainer(reference, pairs, checkpoint_dir=str(tmp_path / "straight"), max_steps=4, save_every=2)
+    expected = straight.train()
+    config = dict(checkpoint_dir=str(tmp_path / "run"), max_steps=4, save_every=2)
+    _trainer(reference, pairs, **config).train()
+    newest = tmp_path / "run" / "checkpoint-000004.pt"
+    data = bytearray(newest.read_bytes())
+    data[int(where * len(data))] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checkpoint-000004.pt: .*damaged"):
+        checkpoints.read(newest)
+    resumed = _trainer(reference, pairs, **config)
+    history = resumed.train(resume=True)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-000004.pt: " in out and "Resuming from checkpoint-000002.pt" in out
+    assert history == expected
+
+
+def test_garbage_of_any_kind_is_a_checkpoint_error_never_a_raw_one(tmp_path):
+    """Random bytes make torch's unpickler and zip reader raise IndexError, KeyError, UnicodeDecodeError, ...:
+    each is reported as a damaged file, so the fallback to an intact checkpoint works for all of them."""
+    import random
+
+    rng = random.Random(0)
+    state = {"format": checkpoints.FORMAT, "weights": {"a": torch.arange(600.0)}}
+    path = tmp_path / "checkpoint-000001.pt"
+    checkpoints.write_atomic(state, path)
+    valid = path.read_bytes()
+    samples = [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 2000))) for _ in range(60)]
+    for position in range(0, len(valid), max(1, len(valid) // 60)):  # one byte flipped anywhere in a torch file
+        flipped = bytearray(valid)
+        flipped[position] ^= 0xFF
+        samples.append(bytes(flipped))
+    for data in samples:
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match="checkpoint-000001.pt: "):
+            checkpoints.read(path)
+
+
+def test_a_checkpoint_without_its_checksum_is_refused_until_given_one(reference, pairs, tmp_path):
+    _trainer(reference, pairs, checkpoint_dir=str(tmp_path), max_steps=2, save_every=2).train()
+    path = tmp_path / "checkpoint-000002.pt"
+    record = checkpoints.checksum_path(path)
+    assert record.read_text().split() == [checkpoints.file_sha256(path), path.name]  # sha256sum -c reads it
+    record.unlink()
+    with pytest.raises(CheckpointError, match="no checksum file .*write_checksum"):
+        checkpoints.read(path)
+    assert checkpoints.read(path, verify=False)["step"] == 2  # for a file written before checksums
+    checkpoints.write_checksum(path)
+    assert checkpoints.read(path)["step"] == 2
+
+
+def test_rotation_and_overwrite_remove_the_checksums_too(tmp_path):
+    for step in (1, 2, 3):
+        state = {"format": checkpoints.FORMAT, "step": step}
+        checkpoints.write_atomic(state, tmp_path / checkpoints.checkpoint_name(step))
+    (tmp_path / "checkpoint-000004.pt.sha256.tmp").write_text("x")  # a write cut short
+    checkpoints.rotate(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000003.pt", "checkpoint-000003.pt.sha256",
+                                                          "checkpoint-000004.pt.sha256.tmp"]
+    checkpoints.remove_checkpoints(tmp_path)
+    assert list(tmp_path.iterdir()) == []
