@@ -50,10 +50,10 @@ are recorded and verified together with them (``rpo_lib._checks.deferred_checks`
 gradient norm stops the run before the optimizer steps.
 
 Checkpoints (``checkpoint_dir``) are written atomically with a SHA-256 checksum beside them and loaded with
-``weights_only=True`` after the checksum is verified (``rpo_lib.checkpoints``). A checkpoint holds the trainable weights, optimizer, schedule, RNG states (CPU,
-CUDA, MPS, Python, NumPy), history and a description of the run: the settings, a
-fingerprint of the tokenized data and the trainable parameters' shapes. Resuming checks all three, lists
-every difference, and loads nothing unless they agree; it then reproduces the uninterrupted run exactly. An
+``weights_only=True`` after the checksum is verified (``rpo_lib.checkpoints``). A checkpoint holds the trainable
+weights, optimizer, schedule, RNG states (CPU, CUDA, MPS, Python, NumPy), history and a description of the run:
+the settings, a fingerprint of the tokenized data and the trainable parameters' shapes. Resuming checks all three,
+lists every difference, and loads nothing unless they agree; it then reproduces the uninterrupted run exactly. An
 unreadable or damaged newest checkpoint is reported and the newest intact one is used. A new run refuses a directory
 that holds checkpoints unless told to resume or to overwrite them. With many processes the first one writes
 the whole (gathered) state, so a run can resume with another number of processes.
