@@ -10,6 +10,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.logprobs``  token and sequence log-probabilities from a causal LM's logits (shift, masks).
 - ``rpo_lib.packing``   padding-free batches: sequences packed into rows, block-causal attention, scored in input order.
 - ``rpo_lib.models``    ``load_policy`` (QLoRA: 4-bit weights, LoRA, an SFT adapter as reference); tiny models.
+- ``rpo_lib.families``  tiny random models of 13 decoder families (Llama ... Falcon), what packing does on each.
 - ``rpo_lib.memory``    the peak GPU memory of a training step, predicted before loading, and what would make it fit.
 - ``rpo_lib.data``      datasets by id or file (schema adapters) -> checked, tokenized examples; drops counted.
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
@@ -33,8 +34,9 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "logprobs", "losses",
-           "launch", "memory", "models", "packing", "papers", "parallel", "plotting", "sample", "tasks", "train"]
+__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "families", "launch",
+           "logprobs", "losses", "memory", "models", "packing", "papers", "parallel", "plotting", "sample", "tasks",
+           "train"]
 
 
 def __getattr__(name: str) -> Any:
