@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rpo_lib.data import pad_rows
+from rpo_lib.models import compute_dtype
 
 __all__ = ["Samples", "kv_cache_bytes", "row_seed", "rows_that_fit", "sample"]
 
@@ -85,7 +86,8 @@ def kv_cache_bytes(model: Any, rows: int, tokens: int) -> int:
     """Bytes of the KV cache for ``rows`` sequences of ``tokens`` tokens (prompt + completion).
 
     ``2 (K and V) x layers x key-value heads x head size x tokens x rows x bytes per value``, from the model's
-    config and its parameters' dtype (a 4-bit model computes and caches in its compute dtype). For a
+    config and the dtype it computes in (``rpo_lib.models.compute_dtype``: a 4-bit model's compute dtype, bf16 for
+    float32 master weights under autocast). For a
     Mistral-7B shape in bf16, 128 rows of 768 tokens take about 12.9 GB.
     """
     config = getattr(model, "config", None)
@@ -96,7 +98,10 @@ def kv_cache_bytes(model: Any, rows: int, tokens: int) -> int:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if hasattr(model, "modules"):  # the dtype it computes (and caches) in: bf16 under autocast for float32 masters
+        dtype = compute_dtype(model)
+    else:  # a config without weights
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     element = torch.empty((), dtype=dtype).element_size()

@@ -576,8 +576,9 @@ class Trainer:
     def _check_packing(self, *, user_ref_model: bool) -> None:
         """``padding_free``: refuse, before any step, a model whose packed rows are not scored as padded rows are.
 
-        First what is known in advance (``rpo_lib.packing.unsupported``), then a measurement: the first
-        ``PACKING_CHECK_EXAMPLES`` examples scored both ways, without gradients. The largest difference of a
+        First what is known in advance (``rpo_lib.packing.unsupported``), then a measurement: the
+        ``PACKING_CHECK_EXAMPLES`` shortest examples scored both ways, without gradients (a pass far smaller than a
+        training step's, so it never sets the run's peak memory). The largest difference of a
         sequence's log-prob, per completion token, must stay within ``PACKING_TOLERANCE`` of the compute dtype; a
         family that leaks attention across packed sequences, drops a sliding window or skips a logit transform
         differs by far more (tests/test_families.py). Every process runs the same passes and the same verdict."""
@@ -589,7 +590,8 @@ class Trainer:
                 raise ValueError(f"padding_free=True: {what} ({_model_name(model)}) cannot be scored exactly in "
                                  f"packed rows with packing_attention={config.packing_attention!r}: {problem}. Use "
                                  f"padding_free=False (padded batches are exact on every model).")
-        examples = self.examples[:PACKING_CHECK_EXAMPLES]
+        shortest = sorted(range(len(self.examples)), key=lambda i: (_length(self.examples[i]), i))
+        examples = [self.examples[i] for i in shortest[:PACKING_CHECK_EXAMPLES]]  # cheap, and several share a row
         tolerance = PACKING_TOLERANCE.get(self.compute_dtype, PACKING_TOLERANCE[torch.float32])
         other = "varlen" if config.packing_attention == "mask" else "mask"
         for what, model in models:
@@ -613,7 +615,7 @@ class Trainer:
                 raise ValueError(
                     f"padding_free=True: {what} ({_model_name(model)}) scores packed rows differently from padded "
                     f"rows with packing_attention={config.packing_attention!r}: up to {worst:.3g} nats per token on "
-                    f"the first {len(examples)} examples (tolerance {tolerance:g} in {self.compute_dtype}). Training "
+                    f"the {len(examples)} shortest examples (tolerance {tolerance:g} in {self.compute_dtype}). Training "
                     f"would use wrong log-probabilities. Use padding_free=False (exact on every model), or try "
                     f"packing_attention={other!r}.")
 

@@ -171,3 +171,14 @@ def test_inverse_cdf_draws_follow_the_softmax():
     frequencies = torch.bincount(tokens, minlength=5).double() / n
     tolerance = 4 * torch.sqrt(probs.double() * (1 - probs.double()) / n)
     assert torch.all((frequencies - probs.double()).abs() < tolerance), (frequencies, probs)
+
+
+def test_kv_cache_is_counted_in_the_compute_dtype_of_float32_master_weights():
+    """Full fine-tuning keeps float32 weights and computes in bf16 (rpo_lib.models.load_policy): the cache is bf16."""
+    from rpo_lib.models import COMPUTE_DTYPE_ATTRIBUTE, TinyLMConfig, tiny_causal_lm
+    from rpo_lib.sample import kv_cache_bytes
+
+    model = tiny_causal_lm(TinyLMConfig())
+    float32 = kv_cache_bytes(model, 4, 10)
+    setattr(model, COMPUTE_DTYPE_ATTRIBUTE, torch.bfloat16)
+    assert kv_cache_bytes(model, 4, 10) * 2 == float32
