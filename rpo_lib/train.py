@@ -615,9 +615,9 @@ class Trainer:
                 raise ValueError(
                     f"padding_free=True: {what} ({_model_name(model)}) scores packed rows differently from padded "
                     f"rows with packing_attention={config.packing_attention!r}: up to {worst:.3g} nats per token on "
-                    f"the {len(examples)} shortest examples (tolerance {tolerance:g} in {self.compute_dtype}). Training "
-                    f"would use wrong log-probabilities. Use padding_free=False (exact on every model), or try "
-                    f"packing_attention={other!r}.")
+                    f"the {len(examples)} shortest examples (tolerance {tolerance:g} in {self.compute_dtype}). "
+                    f"Training would use wrong log-probabilities. Use padding_free=False (exact on every model), or "
+                    f"try packing_attention={other!r}.")
 
     def logprobs(self, batch: Mapping[str, Tensor] | PackedBatch, *, reference: bool = False,
                  reduction: Reduction | None = None) -> Tensor:
