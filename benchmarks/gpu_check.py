@@ -14,10 +14,13 @@ skipped with that reason:
 2. **qlora**: ``benchmarks/qlora_rpo_7b.py`` on the Mistral-7B shape: fixed 2 x 1,024, a variable-length
    UltraFeedback-like mix (padding-free) and one pair at 4,096 tokens, the reference precomputed or not, against
    TRL 1.16; a HyPO step against an RPO step.
-3. **planner**: for each run of part 2, ``rpo_lib.memory``'s prediction against the measured peak, part by part:
-   what stays (weights, adapter, gradients, AdamW state) and the largest phase.
-4. **launch**: ``benchmarks/launch_throughput.py``: one GPU through ``rpo_lib.launch`` against a plain ``Trainer``.
-5. **targets**: each figure against the target the issue set (never asserted by a test): >= 1.2x TRL's tokens/s at
+3. **full**: full fine-tuning of a 0.5B shape (float32 master weights, bf16 compute, the reference copy), for the
+   planner's full-fine-tuning accounting.
+4. **planner**: for each run of parts 2 and 3, ``rpo_lib.memory``'s prediction against the measured peak, part by
+   part: what is loaded, what stays through the step (gradients, AdamW state, a reference copy) and the largest
+   phase. The qlora part stops starting runs in time for the parts after it.
+5. **launch**: ``benchmarks/launch_throughput.py``: one GPU through ``rpo_lib.launch`` against a plain ``Trainer``.
+6. **targets**: each figure against the target the issue set (never asserted by a test): >= 1.2x TRL's tokens/s at
    fixed length with no more peak memory; >= 1.8x on the variable-length mix; the 4,096-token pair <= 14 GiB; a
    HyPO step <= 3x an RPO step; the planner within 15% of each measured peak; the launch >= 0.95 of the plain run.
 
@@ -49,7 +52,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 GiB = 2**30
 # Rough seconds each part takes on an H100/H200 (measured parts replace these in the JSON's "seconds").
-PART_SECONDS = {"packing": 30, "checkpoint": 60, "qlora": 300, "launch": 90}
+PART_SECONDS = {"packing": 20, "checkpoint": 45, "qlora": 240, "full": 35, "launch": 75}
 TARGETS = {"fixed_vs_trl": 1.2, "variable_vs_trl": 1.8, "long_pair_gib": 14.0, "hypo_over_rpo": 3.0,
            "planner_error": 0.15, "launch_over_plain": 0.95}
 
@@ -114,31 +117,63 @@ def packing_part(smoke: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- qlora
-def qlora_part(smoke: bool, path: str, tmp: Path, skip_trl: bool) -> dict:
+def qlora_part(smoke: bool, path: str, tmp: Path, skip_trl: bool, figures: dict, save: Callable[[], None],
+               deadline: float | None) -> dict:
+    """qlora_rpo_7b.run_shape on the Mistral-7B shape, its figures in ``figures["qlora"]`` as each run ends."""
     qlora = _module("qlora_rpo_7b")
-    result: dict = {"runs": []}
-    qlora.run_shape("mistral-7b", tmp, result, smoke=smoke, skip_trl=skip_trl, steps=0.75, path=path)
+    result: dict = figures.setdefault("qlora", {"runs": []})
+    qlora.run_shape("mistral-7b", tmp, result, smoke=smoke, skip_trl=skip_trl, steps=0.75, path=path,
+                    deadline=deadline, save=save)
     return result
 
 
-def planner_part(qlora: dict) -> dict:
-    """Predicted against measured, whole and by part, for every rpo_lib run of the qlora part."""
+def full_part(smoke: bool, tmp: Path) -> dict:
+    """Full fine-tuning (float32 master weights, bf16 compute, the frozen reference copy), a 0.5B shape: what the
+    planner's full-fine-tuning accounting predicts against what is measured."""
+    from transformers import AutoConfig
+
+    from rpo_lib import memory
+    from rpo_lib.models import load_policy
+
+    qlora = _module("qlora_rpo_7b")
+    path = qlora.build_checkpoint("qwen2.5-0.5b", tmp, smoke)
+    model, tokenizer = load_policy(path, quantization=None, lora=None, dtype=None if smoke else torch.bfloat16)
+    scale = 16 if smoke else 1
+    setting = {"pairs": 2, "prompt": 512 // scale, "answer": (512 // scale, 512 // scale), "steps": 3}
+    rows = qlora.make_rows(setting, setting["pairs"] * setting["steps"], seed=2, scale=scale)
+    ours = qlora.run_ours(model, tokenizer, rows, setting, precompute=False, method="dpo", smoke=smoke)
+    shape = memory.ModelShape.from_config(AutoConfig.from_pretrained(path))
+    plan = memory.plan_memory(shape, lora_r=None, quantization=None, max_length=ours["max_length"],
+                              pairs=setting["pairs"], real_tokens=ours["micro_batch_real_tokens"],
+                              completion_tokens=ours["micro_batch_completion_tokens"], method="dpo")
+    del model
+    return {"shape": "qwen2.5-0.5b", "ours": ours, "planned_gib": plan.total_gib,
+            "planned_parts_gib": qlora._gib_parts(plan), "master_dtype": "float32"}
+
+
+def planner_part(figures: dict) -> dict:
+    """Predicted against measured for every rpo_lib run of the qlora and full parts, whole and by part: what is
+    loaded (weights, and a LoRA adapter's own weights), what stays through the step (with gradients, AdamW state and
+    a reference copy), and the largest phase (the peak above that; planned here without its margin)."""
     rows = []
-    runs = [(f"{r['setting']}{' (precomputed ref)' if r['precompute_ref'] else ''}", r["ours"], r)
+    qlora = figures.get("qlora", {})
+    runs = [(f"QLoRA {r['setting']}{' (precomputed ref)' if r['precompute_ref'] else ''}", r["ours"], r)
             for r in qlora.get("runs", [])]
     if "hypo" in qlora:
-        runs.append(("hypo (d)", qlora["hypo"]["hypo"], {"planned_gib": qlora["hypo"]["planned_gib"]}))
+        runs.append(("QLoRA HyPO (d)", qlora["hypo"]["hypo"], qlora["hypo"]))
+    if "full" in figures:
+        runs.append(("full fine-tuning, 0.5B", figures["full"]["ours"], figures["full"]))
     for label, ours, planned in runs:
-        if ours.get("peak_gib") is None:
-            continue
-        row = {"run": label, "planned_gib": planned["planned_gib"], "measured_gib": ours["peak_gib"],
-               "error": planned["planned_gib"] / ours["peak_gib"] - 1}
-        parts = planned.get("planned_parts_gib")
-        if parts and ours.get("held_after_gib") is not None:
-            row["fixed"] = {"planned": parts["fixed"], "measured": ours["held_after_gib"]}
-            row["largest phase"] = {"planned": parts["largest phase"],
-                                    "measured": ours["peak_gib"] - ours["held_after_gib"]}
-        rows.append(row)
+        peak, before, after = ours.get("peak_gib"), ours.get("held_before_gib"), ours.get("held_after_gib")
+        measured = peak is not None  # None on a CPU (--smoke): the rows are made, with nothing measured
+        parts = planned["planned_parts_gib"]
+        adapter = parts.get("LoRA + AdamW state", 0.0) / 4  # the adapter's float32 weights: 4 of its 16 bytes
+        rows.append({"run": label, "planned_gib": planned["planned_gib"], "measured_gib": peak,
+                     "error": planned["planned_gib"] / peak - 1 if measured else None,
+                     "loaded": {"planned": parts["weights"] + adapter, "measured": before},
+                     "kept": {"planned": parts["fixed"], "measured": after},
+                     "largest phase": {"planned": parts["largest phase"],
+                                       "measured": peak - after if measured else None}})
     return {"rows": rows}
 
 
@@ -179,7 +214,7 @@ def targets(figures: dict) -> list[dict]:
     add("HyPO step / RPO step", f"<= {TARGETS['hypo_over_rpo']}x", ratio,
         ratio <= TARGETS["hypo_over_rpo"] if ratio is not None else None, f"{ratio:.2f}x" if ratio else "not measured")
     planner = figures.get("planner", {}).get("rows", [])
-    worst = max((abs(r["error"]) for r in planner), default=None)
+    worst = max((abs(r["error"]) for r in planner if r["error"] is not None), default=None)
     add("planner against each measured peak", f"within {TARGETS['planner_error']:.0%}", worst,
         worst <= TARGETS["planner_error"] if worst is not None else None,
         f"worst {worst:.0%}" if worst is not None else "not measured")
@@ -211,16 +246,15 @@ def markdown(figures: dict) -> str:
                      f"{_num(trl['peak_gib']) if trl else '—'} |")
     planner = figures.get("planner", {}).get("rows", [])
     if planner:
-        lines += ["", "## The planner, part by part (GiB)", "",
-                  "| run | planned | measured | error | stays: planned / measured "
-                  "| phase: planned (no margin) / measured |",
+        lines += ["", "## The planner, part by part (GiB, planned / measured)", "",
+                  "| run | peak | error | loaded | kept through the step | largest phase (no margin) |",
                   "|---|---|---|---|---|---|"]
         for row in planner:
-            fixed, phase = row.get("fixed"), row.get("largest phase")
-            lines.append(f"| {row['run']} | {row['planned_gib']:.2f} | {row['measured_gib']:.2f} | "
-                         f"{row['error']:+.0%} | " +
-                         (f"{fixed['planned']:.2f} / {fixed['measured']:.2f} | {phase['planned']:.2f} / "
-                          f"{phase['measured']:.2f} |" if fixed else "— | — |"))
+            cells = [f"{row[k]['planned']:.2f} / {_num(row[k]['measured'], 2)}" for k in ("loaded", "kept",
+                                                                                        "largest phase")]
+            error = f"{row['error']:+.0%}" if row["error"] is not None else "—"
+            lines.append(f"| {row['run']} | {row['planned_gib']:.2f} / {_num(row['measured_gib'], 2)} | {error} | "
+                         + " | ".join(cells) + " |")
     packing = figures.get("packing", {}).get("rows", [])
     if packing:
         lines += ["", "## Packed against padded, bf16 (largest difference per completion token, nats)", "",
@@ -244,12 +278,34 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else f"{value:.2e}"
 
 
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "flash-attn"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _import_problem(*names: str) -> str | None:
+    """Why one of ``names`` cannot be imported (a wheel missing, or one that does not fit this machine), or None."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # an ImportError, or a package that breaks on import
+            return f"{name} cannot be imported ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the directory for gpu_check.json and gpu_check.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any machine (structure only)")
-    parser.add_argument("--budget-s", type=float, default=450, help="skip a part that would end after this")
+    parser.add_argument("--budget-s", type=float, default=460, help="skip a part that would end after this")
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (TRL or datasets missing)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -258,14 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    skip_trl = args.skip_trl or any(importlib.util.find_spec(name) is None for name in ("trl", "datasets"))
+    trl_problem = None if args.skip_trl else _import_problem("trl", "datasets")
     figures: dict[str, Any] = {
         "date": date.today().isoformat(), "smoke": args.smoke, "python": sys.version.split()[0],
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "seconds": {}, "skipped": {},
-        "errors": {}}
-    if skip_trl and not args.skip_trl:
-        figures["skipped"]["TRL comparison"] = "trl or datasets is not installed (see benchmarks/README.md)"
+        "errors": {}, "versions": _versions()}
+    skip_trl = args.skip_trl or trl_problem is not None
+    if trl_problem is not None:
+        figures["skipped"]["TRL comparison"] = f"{trl_problem} (see benchmarks/README.md)"
 
     def write() -> None:
         figures["targets"] = targets(figures)
@@ -303,8 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         part("checkpoint", build)
         if "path" in path_holder:
-            part("qlora", lambda: qlora_part(args.smoke, path_holder["path"], Path(tmp), skip_trl))
-            part("planner", lambda: planner_part(figures.get("qlora", {})))
+            later = PART_SECONDS["full"] + PART_SECONDS["launch"]  # what the parts after qlora need
+            deadline = None if args.smoke else started + args.budget_s - later
+            part("qlora", lambda: qlora_part(args.smoke, path_holder["path"], Path(tmp), skip_trl, figures, write,
+                                             deadline))
+            part("full", lambda: full_part(args.smoke, Path(tmp)))
+            part("planner", lambda: planner_part(figures))
             part("launch", lambda: launch_part(args.smoke, path_holder["path"], args.out))
     figures["seconds"]["total"] = time.monotonic() - started
     write()

@@ -16,6 +16,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     site="${TMPDIR:-/tmp}/rpo-gpu-check-site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # A carried pin that does not import here (another Python, a dependency this machine lacks) gives way to the
+    # machine's own version, which the JSON then records; bitsandbytes, trl and datasets have no fallback.
+    for name in transformers peft; do
+        if ! "$PYTHON" -c "import $name" > /dev/null 2>&1; then
+            echo "gpu_check.sh: the carried $name does not import here; using the machine's own" >&2
+            rm -rf "$site/$name" "$site/$name"-*.dist-info
+        fi
+    done
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "$PYTHON" benchmarks/gpu_check.py --out "$out" "$@"

@@ -36,6 +36,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -250,10 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.is_available() else platform.processor() or platform.machine(),
                     "torch": torch.__version__, "smoke": args.smoke, "runs": []}
     out = args.out or HERE / ("qlora_rpo_7b-smoke.json" if args.smoke else "qlora_rpo_7b.json")
+    def save() -> None:  # what is measured so far, after each run
+        out.write_text(json.dumps(result, indent=1, default=lambda _: None) + "\n")
+
     with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for shape in (args.shapes[:1] if args.smoke else args.shapes):
-            run_shape(shape, Path(tmp), result, smoke=args.smoke, skip_trl=args.skip_trl, steps=args.steps)
-            out.write_text(json.dumps(result, indent=1) + "\n")  # what is measured so far, after each shape
+            run_shape(shape, Path(tmp), result, smoke=args.smoke, skip_trl=args.skip_trl, steps=args.steps,
+                      save=save)
     print(f"wrote {out}")
     return result
 
@@ -268,10 +272,22 @@ def _scratch() -> str | None:
 
 
 def run_shape(shape: str, tmp: Path, result: dict, *, smoke: bool, skip_trl: bool, steps: float = 1.0,
-              path: str | None = None) -> None:
+              path: str | None = None, deadline: float | None = None, save: Callable[[], None] | None = None) -> None:
     """Every setting of one shape: rpo_lib's runs on one loaded model, then TRL's on its own (one side in memory at a
-    time, so each peak is its own), then (d) HyPO against RPO. ``path``: a checkpoint of that shape built already."""
+    time, so each peak is its own), then (d) HyPO against RPO. ``path``: a checkpoint of that shape built already.
+
+    Each run's figures go into ``result`` as soon as it ends (``save()`` is called then): a run cut short by a
+    ``deadline`` (``time.monotonic()``; later runs are skipped and listed in ``result["skipped"]``) or by an error
+    of TRL's (recorded in ``result["errors"]``) keeps what was measured before."""
     from transformers import AutoConfig
+
+    save = save or (lambda: None)
+
+    def in_time(what: str) -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            result.setdefault("skipped", []).append(what)
+            return False
+        return True
 
     scale = 16 if smoke else 1
     path = path or build_checkpoint(shape, tmp, smoke)
@@ -285,33 +301,45 @@ def run_shape(shape: str, tmp: Path, result: dict, *, smoke: bool, skip_trl: boo
     model, tokenizer = load_ours(path, smoke)
     rows_out = []
     for name, setting, rows, precompute in runs:
+        if not in_time(f"{shape} {name} precompute={precompute}"):
+            continue
         ours = run_ours(model, tokenizer, rows, setting, precompute=precompute, smoke=smoke)
         plan = plan_for(planned, ours, setting["pairs"], precompute)
-        rows_out.append({"shape": shape, "setting": name, "precompute_ref": precompute, "ours": ours,
-                         "planned_gib": plan.total_gib, "planned_parts_gib": _gib_parts(plan)})
-    hypo = None
-    if smoke or shape == "mistral-7b":  # (d) HyPO against RPO, fixed lengths
+        row = {"shape": shape, "setting": name, "precompute_ref": precompute, "ours": ours,
+               "planned_gib": plan.total_gib, "planned_parts_gib": _gib_parts(plan)}
+        rows_out.append((row, setting, rows))
+        result["runs"].append(row)
+        print(_line(row), flush=True)
+        save()
+    if (smoke or shape == "mistral-7b") and in_time(f"{shape} HyPO against RPO"):  # (d) fixed lengths
         setting = {**settings(smoke)["a_fixed"], "steps": 2 if smoke else max(1, round(4 * steps))}
         rows = make_rows(setting, setting["pairs"] * setting["steps"], seed=1, scale=scale)
         rpo = run_ours(model, tokenizer, rows, setting, precompute=False, smoke=smoke)
         step = run_ours(model, tokenizer, rows, setting, precompute=False, method="hypo", smoke=smoke)
-        hypo = {"shape": shape, "rpo": rpo, "hypo": step, "hypo_step_over_rpo_step": step["seconds"] / rpo["seconds"],
-                "planned_gib": plan_for(planned, step, setting["pairs"], False, "hypo").total_gib}
+        result["hypo"] = {"shape": shape, "rpo": rpo, "hypo": step,
+                          "hypo_step_over_rpo_step": step["seconds"] / rpo["seconds"],
+                          "planned_gib": plan_for(planned, step, setting["pairs"], False, "hypo").total_gib,
+                          "planned_parts_gib": _gib_parts(plan_for(planned, step, setting["pairs"], False, "hypo"))}
+        print(f"HyPO step / RPO step: {result['hypo']['hypo_step_over_rpo_step']:.2f}x", flush=True)
+        save()
     del model
     _reset_peak()
-    if not skip_trl:
-        trl_model, trl_tokenizer = load_trl(path, smoke)
-        for row, (name, setting, rows, precompute) in zip(rows_out, runs, strict=True):
-            row["trl"], trl_model = run_trl(trl_model, trl_tokenizer, rows, setting, precompute=precompute,
-                                            smoke=smoke, workdir=tmp)
-        del trl_model
+    if not skip_trl and rows_out:
+        try:
+            trl_model, trl_tokenizer = load_trl(path, smoke)
+            for row, setting, rows in rows_out:
+                if not in_time(f"TRL {shape} {row['setting']} precompute={row['precompute_ref']}"):
+                    continue
+                row["trl"], trl_model = run_trl(trl_model, trl_tokenizer, rows, setting,
+                                                precompute=row["precompute_ref"], smoke=smoke, workdir=tmp)
+                print(_line(row), flush=True)
+                save()
+            del trl_model
+        except Exception as error:  # TRL's side failing must not cost rpo_lib's figures
+            result.setdefault("errors", {})[f"TRL {shape}"] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"TRL failed on {shape}: {type(error).__name__}: {error}", flush=True)
         _reset_peak()
-    for row in rows_out:
-        result["runs"].append(row)
-        print(_line(row), flush=True)
-    if hypo is not None:
-        result["hypo"] = hypo
-        print(f"HyPO step / RPO step: {hypo['hypo_step_over_rpo_step']:.2f}x", flush=True)
+    save()
 
 
 def _gib_parts(plan: memory.MemoryPlan) -> dict[str, float]:

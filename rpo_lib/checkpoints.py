@@ -107,7 +107,9 @@ def _write_synced(path: Path, write: Any) -> None:
 def write_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to ``<path>.tmp`` (hashing the bytes as they go), fsync, write ``<path>.sha256`` the same way,
     then rename both into place, the checksum first: under the checkpoint's name there is the old file or the new
-    one, never half of one, and never a checkpoint without its checksum."""
+    one, never half of one, and never a checkpoint without its checksum. (A crash between the two renames over an
+    existing checkpoint of the same step leaves the old file with the new checksum: it is then refused as damaged,
+    and resuming falls back to the one before; a checksum whose checkpoint never arrived is removed by ``rotate``.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -152,29 +154,35 @@ def _verify(path: Path) -> None:
     """Raise unless ``path``'s bytes have the SHA-256 recorded beside it."""
     record = checksum_path(path)
     if not record.is_file():
-        raise CheckpointError(path, f"it has no checksum file ({record.name}), so its contents cannot be verified: "
-                                    "rpo_lib writes one with every checkpoint. If it was written before rpo_lib "
-                                    "stored checksums and you trust it, give it one with "
+        raise CheckpointError(path, f"it has no checksum file ({record.name}), so its contents cannot be verified "
+                                    "and it was not loaded: rpo_lib writes one with every checkpoint. If it was "
+                                    "written before rpo_lib stored checksums and you trust it, give it one with "
                                     "rpo_lib.checkpoints.write_checksum(path).")
     try:
         expected = record.read_text().split()[0].lower()
+        actual = file_sha256(path)
     except (OSError, IndexError, UnicodeDecodeError) as error:
-        raise CheckpointError(path, f"its checksum file {record.name} cannot be read ({error}).") from error
-    actual = file_sha256(path)
+        raise CheckpointError(path, f"it or its checksum file cannot be read ({type(error).__name__}: {error})."
+                              ) from error
     if actual != expected:
-        raise CheckpointError(path, f"damaged: its bytes do not match the SHA-256 written with it ({actual[:12]}... "
-                                    f"against {expected[:12]}...): it changed after it was written (a bad disk, a "
-                                    f"partial or failed copy). Its contents cannot be trusted.")
+        raise CheckpointError(path, f"truncated or damaged: its bytes do not match the SHA-256 written with it "
+                                    f"({actual[:12]}... against {expected[:12]}...), so it changed after it was "
+                                    f"written (a bad disk, a partial or failed copy). Its contents cannot be trusted.")
 
 
 def read(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and verify its checksum (``verify=False``: skip that, for a
-    checkpoint written before checksums); every failure is a ``CheckpointError`` naming the file."""
+    """Verify a checkpoint's checksum, then load it with ``weights_only=True`` (``verify=False``: no checksum, for a
+    checkpoint written before checksums); every way the file can be unusable is a ``CheckpointError`` naming it.
+
+    Bytes that match their checksum are the bytes rpo_lib wrote: if loading them fails all the same (out of memory,
+    another torch), that error is raised as it is, not taken for damage."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such file.")
     if path.stat().st_size == 0:
         raise CheckpointError(path, "the file is empty (0 bytes): the write that made it never finished.")
+    if verify:
+        _verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -188,7 +196,9 @@ def read(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
                       f"do not load it.") from error
         problem = f"not a readable checkpoint ({detail_text}); it is truncated or damaged."
         raise CheckpointError(path, problem) from error
-    except Exception as error:  # anything else the unpickler or the zip reader raises on damaged bytes
+    except Exception as error:  # anything the unpickler or the zip reader raises on damaged, unverified bytes
+        if verify and not isinstance(error, (EOFError, RuntimeError, ValueError, KeyError, IndexError)):
+            raise
         first_line = (str(error).splitlines() or [""])[0][:160]
         raise CheckpointError(
             path, f"not a readable checkpoint ({type(error).__name__}: {first_line}); it is truncated or "
@@ -201,8 +211,6 @@ def read(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise CheckpointError(path, f"an incomplete checkpoint: it has no {', '.join(missing)}.")
-    if verify:
-        _verify(path)
     return state
 
 
@@ -230,7 +238,18 @@ def rotate(directory: str | os.PathLike, keep: int) -> list[Path]:
     for path in doomed:
         path.unlink(missing_ok=True)
         checksum_path(path).unlink(missing_ok=True)
+    for record in _orphan_checksums(directory):
+        record.unlink(missing_ok=True)
     return doomed
+
+
+def _orphan_checksums(directory: str | os.PathLike) -> list[Path]:
+    """Checksum files whose checkpoint is gone (a write cut short between the two renames of ``write_atomic``)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return [path for path in root.iterdir() if path.name.endswith(".pt.sha256") and _NAME.match(path.name[:-7])
+            and not path.with_name(path.name[:-7]).exists()]
 
 
 def remove_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -238,7 +257,7 @@ def remove_checkpoints(directory: str | os.PathLike) -> list[Path]:
     kept."""
     root = Path(directory)
     doomed = [path for _, path in checkpoint_files(root)]
-    doomed += [checksum_path(path) for path in doomed]
+    doomed += [checksum_path(path) for path in doomed] + _orphan_checksums(root)
     if root.is_dir():
         doomed += [path for path in root.iterdir() if _NAME.match(re.sub(r"(\.sha256)?(\.tmp)?$", "", path.name))
                    and path.name.endswith(".tmp")]

@@ -267,6 +267,7 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
 
 
 _TIMED_OUT = -1000
+_EXIT_WAIT_S = 60.0  # how long an agent that closed its output gets to exit on its own before it is stopped
 LAUNCHER_PID_VARIABLE = "RPO_LAUNCHER_PID"  # tells a worker which process launched it (see _die_with_parent)
 
 
@@ -288,7 +289,7 @@ def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env
         assert process.stdout is not None
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
-        returncode = _TIMED_OUT
+        finished = False
         try:
             while True:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -296,14 +297,14 @@ def _run(args: list[str], log: Path, *, echo: bool, timeout_s: float | None, env
                     break
                 if selector.select(timeout=min(wait, 1.0) if wait is not None else 1.0):
                     chunk = process.stdout.read1(65536)  # type: ignore[attr-defined]
-                    if not chunk:
-                        returncode = process.wait()
+                    if not chunk:  # the agent closed its output: it is ending (not reaped yet: _shutdown does)
+                        finished = _wait_exited(process, _EXIT_WAIT_S)
                         break
                     _relay(chunk.decode(errors="replace"), sink, echo)
         finally:
             selector.close()
             survivors = _shutdown(process, workers, grace_s)
-    return returncode, survivors
+    return (process.returncode if finished else _TIMED_OUT), survivors
 
 
 def _relay(text: str, sink: Any, echo: bool) -> None:
@@ -317,15 +318,18 @@ def _relay(text: str, sink: Any, echo: bool) -> None:
 def _shutdown(process: subprocess.Popen, workers: Callable[[], list[int]], grace_s: float) -> list[int]:
     """Stop a launch, politely first; return the pids that are still alive after it (none, unless not ours to kill).
 
+    0. Note the agent's descendants (its workers, also those that have not recorded their pids yet).
     1. SIGTERM to the agent, which torchrun forwards to its workers before it exits; ``grace_s`` to do so.
-    2. SIGKILL to the agent's process group (the agent, and a single process's worker, which shares its group).
-    3. SIGKILL to every recorded worker and its process group (its own session: torchrun's ``start_new_session``),
-       then wait until they are gone. A second Ctrl-C during step 1 skips to step 2."""
-    if process.poll() is None:
+    2. SIGKILL to the agent's process group (the agent, and a single process's worker, which shares its group),
+       before the agent is reaped: until then its pid, the group's id, cannot be given to another process.
+    3. SIGKILL to every recorded worker and its process group (its own session: torchrun's ``start_new_session``)
+       and to every descendant noted in 0, then wait until they are gone. A second Ctrl-C during 1 skips to 2."""
+    descendants = _descendants(process.pid)
+    if not _exited(process):
         try:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=grace_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt, ProcessLookupError):
+            _wait_exited(process, grace_s)
+        except (KeyboardInterrupt, ProcessLookupError):
             pass
     _kill(process.pid, group=True)
     process.wait()
@@ -333,10 +337,57 @@ def _shutdown(process: subprocess.Popen, workers: Callable[[], list[int]], grace
     for pid in pids:
         _kill(pid, group=True)
         _kill(pid, group=False)
+    for pid, started in descendants:
+        if _start_time(pid) == started:  # still the process noted (a pid is reused only after its process ends)
+            _kill(pid, group=False)
+            pids.append(pid)
     deadline = time.monotonic() + grace_s
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [pid for pid in pids if _alive(pid)]
+    return sorted({pid for pid in pids if _alive(pid)})
+
+
+def _exited(process: subprocess.Popen) -> bool:
+    """Whether the process has ended, without reaping it (a zombie still holds its pid and group id)."""
+    if process.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _wait_exited(process: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the process to end, without reaping it; whether it ended."""
+    deadline = time.monotonic() + seconds
+    while not _exited(process):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc), or None if it is gone or cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(pid: int) -> list[tuple[int, int | None]]:
+    """``(pid, start time)`` of every descendant of ``pid`` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        parent = _parent_of(int(entry.name))
+        if parent is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append((child, _start_time(child)))
+            frontier.append(child)
+    return found
 
 
 def _kill(pid: int, *, group: bool) -> None:

@@ -18,8 +18,9 @@ The peak of one optimizer micro-step is the sum of
   master weights and computes in bf16), its gradient and two AdamW moments in the same dtype: 16 bytes per
   parameter in all (``master_bytes=2``: 8, and most small updates lost);
 - **the reference copy** (full fine-tuning, unless the reference log-probs are precomputed and nothing else needs
-  the reference): the trainer's frozen copy, its linear layers in the compute dtype and the rest as the master
-  weights (``rpo_lib.models.frozen_copy``), whole on every GPU (it is not sharded);
+  the reference): the trainer's frozen copy, its linear layers (an untied output head too) in the compute dtype
+  and the embeddings and norms as the master weights (``rpo_lib.models.frozen_copy``), whole on every GPU (it is
+  not sharded);
 - **activations**: what autograd keeps for the backward pass (below), for every layer without checkpointing,
   or each layer's input plus one recomputed layer with it;
 - **logits**: a full (T, V) block in bfloat16, its float32 copy and float32 log-softmax (what a padded DPO
@@ -32,9 +33,9 @@ The peak of one optimizer micro-step is the sum of
 
 On several GPUs (``num_gpus``, ``strategy``; ``rpo_lib.launch``) the plan is per GPU. DDP keeps everything
 above on every GPU and adds its gradient buckets (a copy of the trainable gradients). FSDP divides the decoder
-layers' weights and the trainable state by the number of GPUs, keeps the root unit (embeddings, head, final
-norm) whole through the step, and adds the layers it has gathered whole: the one running and the next,
-prefetched. Activations, logits and the HyPO parts are per micro-batch, the same on 1 GPU or 8.
+layers' weights (except 8-bit ones, kept whole) and the trainable state by the number of GPUs, keeps the root unit
+(embeddings, head, final norm) whole through the step, and adds the layers it has gathered whole: the one running
+and the next, prefetched. Activations, logits and the HyPO parts are per micro-batch, the same on 1 GPU or 8.
 
 The weights, the trainable state and the reference copy stay, and their size is known to the byte; the other parts
 live in phases of the step that never overlap (the reference pass, the policy's forward and backward, HyPO's
@@ -330,8 +331,12 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
         gradient_bytes = shape.lora_parameters(lora_r) * 4
     gpus = s["num_gpus"]
     sharded = s["strategy"] == "fsdp" and gpus > 1
+    # FSDP shards the decoder layers' weights, except LLM.int8()'s, which stay whole (rpo_lib.parallel: a shard
+    # would lose their scales); the root unit (embeddings, head, final norm) stays whole through the step.
+    sharded_layers = 0.0 if s["quantization"] == "int8" else layer_weights
     if sharded:
-        weights = layer_weights / gpus + (shape.other_parameters() * (master if full else frozen_bytes))
+        weights = layer_weights - sharded_layers + sharded_layers / gpus + (
+            shape.other_parameters() * (master if full else frozen_bytes))
         trainable /= gpus
     tokens = s["real_tokens"] or 2 * s["pairs"] * s["max_length"]
     scored = (s["completion_tokens"] or tokens) if s["real_tokens"] else tokens  # positions given logits
@@ -354,11 +359,14 @@ def _plan(shape: ModelShape, s: dict[str, Any]) -> MemoryPlan:
         "LoRA + AdamW state" if not full else "gradients + AdamW state": trainable,
     }
     reference_needed = s["method"] == "hypo" or not s["precompute_ref"]
-    if full and reference_needed:  # rpo_lib.models.frozen_copy: linear layers in the compute dtype, whole per GPU
-        parts["reference copy"] = shape.linear_parameters() * dtype_bytes + shape.other_parameters() * master
+    if full and reference_needed:  # rpo_lib.models.frozen_copy: nn.Linear layers (an untied head too) in the
+        # compute dtype, the embeddings and norms as the master weights; whole on every GPU
+        head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
+        parts["reference copy"] = (shape.linear_parameters() + head) * dtype_bytes + (
+            shape.other_parameters() - head) * master
     if sharded:  # the running layer and the prefetched next one, gathered whole (with their LoRA weights)
         lora_weights = shape.lora_parameters(lora_r) * 4 if not full else 0
-        parts["FSDP gathered layers"] = 2 * (layer_weights + lora_weights) / layers
+        parts["FSDP gathered layers"] = 2 * (sharded_layers + lora_weights) / layers
     elif gpus > 1:
         parts["DDP gradient buckets"] = gradient_bytes
     parts.update({

@@ -22,8 +22,8 @@ row, so every position is a real token, and scores each sequence exactly as if i
   already drops it. Per-sequence sums are gathered back into the original order.
 - **Exact or refused.** ``tests/test_families.py`` checks one training step, packed against padded (loss and every
   gradient), on tiny configs of 13 decoder families under both attention modes. What cannot be exact is refused
-  (``unsupported``: OPT and Falcon under ``"varlen"``, ALiBi), and the trainer scores one micro-batch both ways
-  before it trains (``rpo_lib.train``), so a family nobody listed is refused too, never trained on wrong numbers.
+  (``unsupported``: OPT and Falcon under ``"varlen"``, ALiBi), and the trainer scores its 2 shortest pairs both
+  ways before it trains (``rpo_lib.train``), so a family nobody listed that leaks across sequences is refused too.
 
 Only the completion positions need logits: the model is called with ``logits_to_keep`` set to a boolean mask of the
 positions whose next token is a completion token, so its output head runs on those P positions only; the (P, V)

@@ -107,6 +107,10 @@ class SingleProcess:
     def minimum(self, value: int) -> int:
         return value
 
+    def maximum(self, value: float) -> float:
+        """The largest of every process's ``value``."""
+        return value
+
     def gather(self, rows: Tensor) -> Tensor:
         """Every process's ``rows`` (same shape everywhere), concatenated in rank order."""
         return rows
@@ -191,11 +195,17 @@ class Distributed(SingleProcess):
         return values
 
     def minimum(self, value: int) -> int:
+        return int(self._reduce_number(value, torch.long, torch.distributed.ReduceOp.MIN))
+
+    def maximum(self, value: float) -> float:
+        return float(self._reduce_number(value, torch.float64, torch.distributed.ReduceOp.MAX))
+
+    def _reduce_number(self, value: float, dtype: torch.dtype, op: Any) -> float:
         if self.world_size == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.long, device=self._comm_device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
-        return int(tensor.item())
+        tensor = torch.tensor([value], dtype=dtype, device=self._comm_device)
+        torch.distributed.all_reduce(tensor, op=op)
+        return tensor.item()
 
     def gather(self, rows: Tensor) -> Tensor:
         if self.world_size == 1:

@@ -270,12 +270,13 @@ RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "padding_
                          "precompute_ref_batch_size",
                          "online_sample_rows", "eval_every", "checkpoint_dir", "save_every", "keep_checkpoints",
                          "progress", "device", "max_steps"})
-# padding_free: how many examples the trainer scores both ways before training, and the largest difference per
+# padding_free: how many examples the trainer scores both ways before training (2: four sequences packed, so some share
+# a row; padded one pair at a time, the shortest: a small pass), and the largest difference per
 # completion token (nats) it accepts, by compute dtype. Measured on CPU in float32: at most 2e-6 on every family
 # that is exact (tests/test_families.py); a leak across sequences or a dropped window costs 1e-2 to 1 and more.
 # In 16-bit dtypes the two paths round differently; their agreement on a GPU is what benchmarks/gpu_check.sh
 # measures, and the bound below only catches gross errors there (OPT's and Falcon's are refused by rule).
-PACKING_CHECK_EXAMPLES = 4
+PACKING_CHECK_EXAMPLES = 2
 PACKING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 _GPU_MEMORY_FOR_SAMPLING = 0.5  # share of the GPU memory left after loading that HyPO's KV cache may take
 
@@ -576,12 +577,15 @@ class Trainer:
     def _check_packing(self, *, user_ref_model: bool) -> None:
         """``padding_free``: refuse, before any step, a model whose packed rows are not scored as padded rows are.
 
-        First what is known in advance (``rpo_lib.packing.unsupported``), then a measurement: the
-        ``PACKING_CHECK_EXAMPLES`` shortest examples scored both ways, without gradients (a pass far smaller than a
-        training step's, so it never sets the run's peak memory). The largest difference of a
-        sequence's log-prob, per completion token, must stay within ``PACKING_TOLERANCE`` of the compute dtype; a
-        family that leaks attention across packed sequences, drops a sliding window or skips a logit transform
-        differs by far more (tests/test_families.py). Every process runs the same passes and the same verdict."""
+        First what is known in advance (``rpo_lib.packing.unsupported``: families whose mask ignores the positions,
+        ALiBi, layer kinds it cannot mask, sliding windows read from the config), then a measurement: the
+        ``PACKING_CHECK_EXAMPLES`` shortest examples scored without gradients, each alone in a padded pass and all
+        together in packed rows (so several sequences share a row). No pass holds more logits than a padded
+        training step of the shortest pair would. The largest difference of a sequence's log-prob, per completion
+        token, must stay within ``PACKING_TOLERANCE`` of the compute dtype: a family that leaks attention across
+        packed sequences or transforms its logits in a way packing misses differs by far more
+        (tests/test_families.py). Windows longer than these short examples do not show here: the rules cover
+        them. Every process runs the same passes and takes the largest difference of all."""
         config = self.config
         models = [("the model", self.model)] + ([("ref_model", self.ref_model)] if user_ref_model else [])
         for what, model in models:
@@ -591,7 +595,7 @@ class Trainer:
                                  f"packed rows with packing_attention={config.packing_attention!r}: {problem}. Use "
                                  f"padding_free=False (padded batches are exact on every model).")
         shortest = sorted(range(len(self.examples)), key=lambda i: (_length(self.examples[i]), i))
-        examples = [self.examples[i] for i in shortest[:PACKING_CHECK_EXAMPLES]]  # cheap, and several share a row
+        examples = [self.examples[i] for i in shortest[:PACKING_CHECK_EXAMPLES]]
         tolerance = PACKING_TOLERANCE.get(self.compute_dtype, PACKING_TOLERANCE[torch.float32])
         other = "varlen" if config.packing_attention == "mask" else "mask"
         for what, model in models:
@@ -599,18 +603,21 @@ class Trainer:
             model.eval()
             try:
                 with torch.no_grad():
-                    padded = self._forward(model, self._to_device(self.collate(examples, padded=True)), "sum")
-                    # Rows as long as the two longest sequences: the longest shares its row, so a leak shows.
-                    two = sum(sorted(_lengths(examples))[-2:])
-                    packed = self._forward(model, self._to_device(self.collate(examples, row_tokens=two)), "sum")
+                    alone = [self._forward(model, self._to_device(self.collate([e], padded=True)), "sum")
+                             for e in examples]
+                    packed = self._forward(model, self._to_device(self.collate(examples)), "sum")
             except Exception as error:  # a family whose forward refuses packed inputs
                 raise ValueError(f"padding_free=True: {what} ({_model_name(model)}) failed to score packed rows "
                                  f"with packing_attention={config.packing_attention!r} ({type(error).__name__}: "
                                  f"{error}). Use padding_free=False.") from error
             finally:
                 model.train(was_training)
-            per_token = ((packed[0] - padded[0]).abs() / padded[2].sum(dim=1).clamp(min=1)).max().float()
-            worst = float(self.parallel.sum(per_token.reshape(1)).item()) / self.parallel.world_size  # the same on all
+            # collate's order: every example's chosen rows first, then the rejected ones (or one row per SFT example)
+            rows = len(alone[0][0])
+            padded = torch.cat([torch.cat([out[0][k::rows] for out in alone]) for k in range(rows)])
+            tokens = torch.cat([torch.cat([out[2].sum(dim=1)[k::rows] for out in alone]) for k in range(rows)])
+            per_token = float(((packed[0] - padded).abs() / tokens.clamp(min=1)).max())
+            worst = self.parallel.maximum(per_token)
             if not worst <= tolerance:
                 raise ValueError(
                     f"padding_free=True: {what} ({_model_name(model)}) scores packed rows differently from padded "

@@ -66,6 +66,12 @@ def test_the_gpu_check_smoke_mode_runs_every_part_through_its_shell_command(tmp_
         for mode in ("mask", "varlen"):
             assert (row[mode] == "refused") == (FAMILIES[row["family"]].packing[mode] == "refused"), row
     assert len(figures["qlora"]["runs"]) == 6 and "hypo" in figures["qlora"]
+    assert all("trl" in run for run in figures["qlora"]["runs"])
+    assert figures["full"]["master_dtype"] == "float32" and figures["full"]["ours"]["steps"] == 3
+    assert figures["versions"]["trl"] != "not installed"
+    runs = [row["run"] for row in figures["planner"]["rows"]]
+    assert len(runs) == 8 and runs[-1] == "full fine-tuning, 0.5B"  # 6 QLoRA runs, HyPO, full fine-tuning
+    assert all(row["kept"]["planned"] > 0 and row["measured_gib"] is None for row in figures["planner"]["rows"])
     assert isinstance(figures["launch"]["launched_over_plain"], float)
     assert [row["figure"] for row in figures["targets"]][:2] == ["tokens/s against TRL, fixed 2 x 1,024",
                                                                  "tokens/s against TRL, variable lengths"]

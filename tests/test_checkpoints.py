@@ -130,6 +130,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference, pairs, tmp_path,
     state = torch.load(tmp_path / "checkpoint-000002.pt", weights_only=True)
     state["history"].append(_Payload(marker))
     torch.save(state, tmp_path / "checkpoint-000003.pt")  # the newest file now carries the payload
+    checkpoints.write_checksum(tmp_path / "checkpoint-000003.pt")  # and a checksum that matches it
     with pytest.raises(CheckpointError, match="checkpoint-000003.pt: refused by torch.load.weights_only=True."):
         checkpoints.read(tmp_path / "checkpoint-000003.pt")
     resumed = _trainer(reference, pairs, checkpoint_dir=str(tmp_path), max_steps=2, save_every=1)
@@ -233,8 +234,9 @@ def _damage(path, how):
         path.write_bytes(b"")
     elif how == "garbage":
         path.write_bytes(b"not a checkpoint at all\n" * 20)
-    else:  # a torch file that is not a checkpoint
+    else:  # a torch file that is not a checkpoint, with a checksum that matches it
         torch.save({"weights": torch.zeros(2)}, path)
+        checkpoints.write_checksum(path)
 
 
 @pytest.mark.parametrize("how, problem", [("truncated", "truncated or damaged"), ("empty", "the file is empty"),
@@ -262,7 +264,7 @@ def test_an_explicit_damaged_file_and_a_directory_of_them_are_clear_errors(refer
     for path in tmp_path.glob("checkpoint-*.pt"):
         _damage(path, "truncated")
     trainer = _trainer(reference, pairs, checkpoint_dir=str(tmp_path), max_steps=2)
-    with pytest.raises(CheckpointError, match="checkpoint-000001.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="checkpoint-000001.pt: truncated or damaged"):
         trainer.train(resume=tmp_path / "checkpoint-000001.pt")
     with pytest.raises(CheckpointError, match="no checkpoint in it can be read: .*000002.*000001"):
         trainer.train(resume=True)
@@ -287,7 +289,7 @@ def test_one_flipped_byte_is_caught_by_the_checksum_and_resume_falls_back(refere
     data = bytearray(newest.read_bytes())
     data[int(where * len(data))] ^= 0x01
     newest.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="checkpoint-000004.pt: .*damaged"):
+    with pytest.raises(CheckpointError, match="checkpoint-000004.pt: truncated or damaged: its bytes do not match"):
         checkpoints.read(newest)
     resumed = _trainer(reference, pairs, **config)
     history = resumed.train(resume=True)
@@ -298,7 +300,8 @@ def test_one_flipped_byte_is_caught_by_the_checksum_and_resume_falls_back(refere
 
 def test_garbage_of_any_kind_is_a_checkpoint_error_never_a_raw_one(tmp_path):
     """Random bytes make torch's unpickler and zip reader raise IndexError, KeyError, UnicodeDecodeError, ...:
-    each is reported as a damaged file, so the fallback to an intact checkpoint works for all of them."""
+    each is reported as a damaged file (by the checksum, and without one by the loader), so the fallback to an intact
+    checkpoint works for all of them."""
     import random
 
     rng = random.Random(0)
@@ -313,8 +316,10 @@ def test_garbage_of_any_kind_is_a_checkpoint_error_never_a_raw_one(tmp_path):
         samples.append(bytes(flipped))
     for data in samples:
         path.write_bytes(data)
+        with pytest.raises(CheckpointError, match="checkpoint-000001.pt: truncated or damaged"):
+            checkpoints.read(path)  # the checksum catches it before anything is unpickled
         with pytest.raises(CheckpointError, match="checkpoint-000001.pt: "):
-            checkpoints.read(path)
+            checkpoints.read(path, verify=False)  # without one (a file from before checksums): the unpickler's errors
 
 
 def test_a_checkpoint_without_its_checksum_is_refused_until_given_one(reference, pairs, tmp_path):
@@ -335,6 +340,7 @@ def test_rotation_and_overwrite_remove_the_checksums_too(tmp_path):
         state = {"format": checkpoints.FORMAT, "step": step}
         checkpoints.write_atomic(state, tmp_path / checkpoints.checkpoint_name(step))
     (tmp_path / "checkpoint-000004.pt.sha256.tmp").write_text("x")  # a write cut short
+    (tmp_path / "checkpoint-000005.pt.sha256").write_text("x")  # cut short between the two renames
     checkpoints.rotate(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000003.pt", "checkpoint-000003.pt.sha256",
                                                           "checkpoint-000004.pt.sha256.tmp"]

@@ -52,11 +52,16 @@ def _model(name, tokenizer):
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def _step(model, tokenizer, rows, **changes):
-    """Loss and gradients of one RPO step (DPO + the token-mean SFT term), 6 pairs in micro-batches of 3."""
+def _trainer(model, tokenizer, rows, **changes):
+    """RPO (DPO + the token-mean SFT term), 6 pairs a step in micro-batches of 3, full fine-tuning."""
     config = preset("tiny", method="rpo", rpo_variant="trl", sft_weight=1.0, batch_size=6, micro_batch_size=3,
                     max_length=96, max_grad_norm=None, progress=False, **changes)
-    trainer = Trainer(copy.deepcopy(model), tokenizer, rows, config)
+    return Trainer(copy.deepcopy(model), tokenizer, rows, config)
+
+
+def _step(model, tokenizer, rows, **changes):
+    """Loss and gradients of one step of ``_trainer``."""
+    trainer = _trainer(model, tokenizer, rows, **changes)
     loss = trainer._optimizer_step(0)["loss"]
     return loss, {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
 
@@ -85,7 +90,7 @@ def test_a_packed_step_equals_the_padded_step_or_is_refused(name, mode, tokenize
     expected = FAMILIES[name].packing[mode]
     if expected == "refused":
         with pytest.raises(ValueError, match=rf"{type(model).__name__}.*padding_free=False"):
-            _step(model, tokenizer, rows, padding_free=True, packing_attention=mode)
+            _trainer(model, tokenizer, rows, padding_free=True, packing_attention=mode)  # refused when it is built
         return
     padded_loss, padded = _step(model, tokenizer, rows)
     packed_loss, packed = _step(model, tokenizer, rows, padding_free=True, packing_attention=mode)
@@ -103,7 +108,7 @@ def test_the_measurement_refuses_what_no_rule_names(tokenizer, rows, monkeypatch
     monkeypatch.setattr(packing, "_REFUSED", {})
     model = _model("opt", tokenizer)
     with pytest.raises(ValueError, match=r"OPTForCausalLM\) scores packed rows differently .* padding_free=False"):
-        _step(model, tokenizer, rows, padding_free=True, packing_attention="varlen")
+        _trainer(model, tokenizer, rows, padding_free=True, packing_attention="varlen")
 
 
 def test_a_window_shorter_than_the_row_is_applied_per_layer_kind():

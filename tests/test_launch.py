@@ -303,9 +303,19 @@ def _hanging_launch(tiny_model, out, tmp_path, **options):
                           **options)
 
 
-def _assert_none_alive(pids):
+def _assert_none_alive(pids, out=None):
     alive = [pid for pid in pids if _alive(pid)]
     assert not alive, f"worker(s) {alive} of the stopped launch are still running"
+    if out is not None:  # nor any process at all of this launch, recorded or not (its job file is in their command)
+        job = str(out / "job.json").encode()
+        running = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if job in entry.joinpath("cmdline").read_bytes() and _alive(int(entry.name)):
+                    running.append(int(entry.name))
+            except OSError:
+                continue
+        assert not running, f"processes {running} of the stopped launch are still running"
 
 
 def test_a_timeout_leaves_no_process_running(tiny_model, tmp_path):
@@ -315,7 +325,18 @@ def test_a_timeout_leaves_no_process_running(tiny_model, tmp_path):
     with pytest.raises(rpo_lib.launch.LaunchError, match="ran past timeout_s") as caught:
         _hanging_launch(tiny_model, out, tmp_path, timeout_s=40)  # start-up takes ~10 s; then both are stuck
     assert "every worker it started were stopped" in str(caught.value)
-    _assert_none_alive(_recorded_pids(out))  # checked as launch returns: it waits until they are gone
+    _assert_none_alive(_recorded_pids(out), out)  # checked as launch returns: it waits until they are gone
+
+
+def test_a_timeout_during_start_up_leaves_no_process_running(tiny_model, tmp_path):
+    """Stopped while the workers still import torch, before they record their pids or tie themselves to the agent:
+    the launcher noted the agent's children before it stopped it."""
+    import rpo_lib.launch
+
+    out = tmp_path / "run"
+    with pytest.raises(rpo_lib.launch.LaunchError, match="ran past timeout_s"):
+        _hanging_launch(tiny_model, out, tmp_path, timeout_s=6)
+    _assert_none_alive([], out)
 
 
 def test_an_exception_in_the_launching_process_leaves_no_process_running(tiny_model, tmp_path, monkeypatch):
@@ -332,7 +353,7 @@ def test_an_exception_in_the_launching_process_leaves_no_process_running(tiny_mo
     out = tmp_path / "run"
     with pytest.raises(OSError, match="injected failure"):
         _hanging_launch(tiny_model, out, tmp_path, timeout_s=300)
-    _assert_none_alive(_recorded_pids(out))
+    _assert_none_alive(_recorded_pids(out), out)
 
 
 def test_ctrl_c_in_the_launching_process_leaves_no_process_running(tiny_model, tmp_path):
@@ -355,7 +376,7 @@ def test_ctrl_c_in_the_launching_process_leaves_no_process_running(tiny_model, t
     finally:
         launcher.kill()
     assert launcher.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
-    _assert_none_alive(pids)
+    _assert_none_alive(pids, out)
 
 
 def test_two_machines_sharing_an_output_directory_keep_their_own_files(tiny_model, tmp_path_factory, tmp_path):
@@ -370,6 +391,10 @@ def test_two_machines_sharing_an_output_directory_keep_their_own_files(tiny_mode
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "shared"
+    planted = [out / "errors" / "rank5.txt", out / "pids" / "rank7"]  # files of ranks neither machine runs
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("another launch's")
     options = {"model": tiny_model, "data": DATA, "output_dir": out, "num_processes": 2, "num_machines": 2,
                "main_address": "127.0.0.1", "main_port": port, "lora": _lora(), "echo": False, "timeout_s": 300}
     results: dict[int, object] = {}
@@ -389,7 +414,8 @@ def test_two_machines_sharing_an_output_directory_keep_their_own_files(tiny_mode
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     assert {"job.machine0.json", "job.machine1.json", "launch.machine0.log", "launch.machine1.log"} <= set(names)
     assert "job.json" not in names and "launch.log" not in names
-    assert sorted(p.name for p in (out / "pids").iterdir()) == ["rank0", "rank1"]  # each machine's own rank
+    assert sorted(p.name for p in (out / "pids").iterdir()) == ["rank0", "rank1", "rank7"]  # each its own rank
+    assert all(path.read_text() == "another launch's" for path in planted)  # nobody cleared what is not theirs
     for rank in (0, 1):
         assert json.loads((out / f"job.machine{rank}.json").read_text())["output_dir"] == str(out.resolve())
     _assert_same_run(_launch(tiny_model, tmp_path_factory, "rpo", 2, "ddp"), results[0])

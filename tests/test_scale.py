@@ -193,6 +193,8 @@ def test_the_reference_copy_stores_linear_layers_in_the_compute_dtype_and_scores
     torch.testing.assert_close(trainer.logprobs(batch, reference=True), trainer.logprobs(batch), rtol=0, atol=1e-5)
     held = sum(p.numel() * p.element_size() for p in reference.parameters())
     assert held < 0.8 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    plan = memory.plan_memory(model.config, lora_r=None, quantization=None, max_length=96, pairs=8)
+    assert plan.parts["reference copy"] == held  # the planner counts the copy the trainer makes, to the byte
 
 
 # ------------------------------------------------------------------------------------- padding-free
@@ -337,7 +339,8 @@ def test_the_margin_is_on_what_varies_and_full_fine_tuning_counts_what_the_train
     shape = SHAPES["mistral-7b"]
     full = memory.plan_memory(shape, lora_r=None, quantization=None, max_length=1024, pairs=1)
     assert full.parts["weights"] + full.parts["gradients + AdamW state"] == 16 * shape.parameters()
-    copy_bytes = 2 * shape.linear_parameters() + 4 * shape.other_parameters()
+    head = shape.vocab_size * shape.hidden_size  # Mistral's head is untied: an nn.Linear, stored in bf16 too
+    copy_bytes = 2 * (shape.linear_parameters() + head) + 4 * (shape.other_parameters() - head)
     assert full.parts["reference copy"] == copy_bytes and 13.5 < copy_bytes / GiB < 14.5
     precomputed = memory.replace(full, precompute_ref=True)
     assert "reference copy" not in precomputed.parts and "reference pass" not in precomputed.parts
@@ -366,5 +369,10 @@ def test_plan_per_gpu_with_ddp_and_fsdp():
     assert fsdp.parts["activations"] == one.parts["activations"]  # per micro-batch, whatever the GPU count
     assert fsdp.total_gib < one.total_gib < ddp.total_gib
     assert "per GPU, 4 GPUs with FSDP" in fsdp.table()
+    int8 = memory.plan_memory("mistral-7b", max_length=1024, pairs=2, quantization="int8", num_gpus=4,
+                              strategy="fsdp")
+    int8_one = memory.plan_memory("mistral-7b", max_length=1024, pairs=2, quantization="int8")
+    assert int8.parts["weights"] == int8_one.parts["weights"]  # 8-bit weights stay whole under FSDP
+    assert int8.parts["FSDP gathered layers"] == pytest.approx(2 * 41_943_040 * 4 / 32)  # only the adapters
     with pytest.raises(ValueError, match="strategy"):
         memory.plan_memory("mistral-7b", num_gpus=2, strategy="zero3")
