@@ -367,12 +367,17 @@ def _wait_exited(process: subprocess.Popen, seconds: float) -> bool:
     return True
 
 
-def _start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, /proc), or None if it is gone or cannot be read."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field ``index`` (counted after the command name: 1 is the parent pid, 19 the start time in clock ticks since
+    boot) of /proc/<pid>/stat, or None if the process is gone or there is no /proc."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[index])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _start_time(pid: int) -> int | None:
+    return _stat_field(pid, 19)
 
 
 def _descendants(pid: int) -> list[tuple[int, int | None]]:
@@ -561,11 +566,7 @@ def _die_with_parent() -> None:
 
 
 def _parent_of(pid: int) -> int | None:
-    """The parent pid of ``pid`` (from /proc), or None if it cannot be read."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _stat_field(pid, 1)
 
 
 def _worker(job_file: str) -> None:

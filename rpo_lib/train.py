@@ -347,15 +347,6 @@ def _checkpointing_on(model: Any) -> bool:
     return bool(getattr(base, name, False))
 
 
-def _lengths(examples: Sequence[Any]) -> list[int]:
-    """Tokens of every sequence of ``examples`` (prompt + completion; chosen and rejected apart)."""
-    out = []
-    for e in examples:
-        completions = [e.completion_ids] if isinstance(e, SFTExample) else [e.chosen_ids, e.rejected_ids]
-        out += [len(e.prompt_ids) + len(c) for c in completions]
-    return out
-
-
 def _length(example: Any) -> int:
     """Tokens of an example's longest row (prompt + its longest completion)."""
     if isinstance(example, SFTExample):
@@ -555,11 +546,10 @@ class Trainer:
             return completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                        reduction=reduction)
 
-    def collate(self, examples: Sequence[Any], *, padded: bool = False, row_tokens: int | None = None
-                ) -> dict[str, Tensor] | PackedBatch:
+    def collate(self, examples: Sequence[Any], *, padded: bool = False) -> dict[str, Tensor] | PackedBatch:
         """One micro-batch: right-padded rows, or packed rows with ``padding_free`` (chosen rows first, then the
         rejected rows, for preference examples); ``padded=True``: right-padded whatever the config says. Packed rows
-        are ``max_length`` long (or the longest sequence), or ``row_tokens`` long."""
+        are ``max_length`` long (or the longest sequence)."""
         pack = self.config.padding_free and not padded
         if isinstance(examples[0], SFTExample):
             if not pack:
@@ -570,8 +560,7 @@ class Trainer:
                 return collate_preferences(examples, self.pad_token_id)
             prompts = [e.prompt_ids for e in examples] * 2
             completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-        row = row_tokens or max(self.config.max_length, max(len(p) + len(c) for p, c in zip(prompts, completions,
-                                                                                           strict=True)))
+        row = max(self.config.max_length, max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)))
         return pack_sequences(prompts, completions, max_row_tokens=row, pad_token_id=self.pad_token_id)
 
     def _check_packing(self, *, user_ref_model: bool) -> None:
