@@ -61,7 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rpo_lib.models import LoraSettings
+from rpo_lib.models import LoraSettings, smollm2
+
+SMOLLM2_ALIAS = "smollm2"  # --model smollm2: the small real chat model, from the Hub or converted offline
 from rpo_lib.parallel import STRATEGIES, Strategy, check_strategy
 from rpo_lib.train import History, TrainConfig, preset
 
@@ -81,7 +83,8 @@ class Job:
     """Everything a process needs to build and run the training job (it is written to JSON for them).
 
     Attributes:
-        model: a hub id or a local model directory (``rpo_lib.models.load_policy``).
+        model: a hub id or a local model directory (``rpo_lib.models.load_policy``); ``"smollm2"``: SmolLM2-135M-Instruct
+            (``rpo_lib.models.smollm2``).
         data: a dataset id or file (``rpo_lib.data.load_preferences``; for ``method="sft"`` a .jsonl/.json of SFT
             rows), or the rows themselves (a list of dicts, written into the job file).
         config: the ``TrainConfig``; its ``checkpoint_dir`` defaults to ``<output_dir>/checkpoints``.
@@ -232,6 +235,8 @@ def launch(config: TrainConfig, *, model: str | os.PathLike, data: str | os.Path
     if config.checkpoint_dir is None:
         config = dataclasses.replace(config, checkpoint_dir=str(out / "checkpoints"))
     rows = data if isinstance(data, (str, os.PathLike)) else [dict(row) for row in data]
+    if os.fspath(model) == SMOLLM2_ALIAS and not os.path.exists(SMOLLM2_ALIAS):
+        model = smollm2()  # converted once here, not by every process
     job = Job(model=os.fspath(model), data=os.fspath(rows) if isinstance(rows, (str, os.PathLike)) else rows,
               config=config, output_dir=str(out), strategy=strategy, split=split, schema=schema, limit=limit,
               quantization=quantization, lora=lora, sft_adapter=os.fspath(sft_adapter) if sft_adapter else None,
@@ -613,10 +618,11 @@ def config_from_args(preset_name: str, config_file: str | None, settings: Sequen
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rpo_lib.launch", description=(
         "Train with rpo_lib.train on many processes, GPUs or machines (accelerate launch underneath)."))
-    p.add_argument("--model", required=True, help="hub id or local directory of the (SFT) model")
+    p.add_argument("--model", required=True, help=f"hub id or local directory of the (SFT) model; "
+                   f"'{SMOLLM2_ALIAS}': SmolLM2-135M-Instruct (rpo_lib.models.smollm2, works offline)")
     p.add_argument("--data", required=True, help="dataset id or file (see rpo_lib.data.load_preferences)")
     p.add_argument("--output-dir", required=True, help="the run's directory")
-    p.add_argument("--preset", default="tiny", help="starting settings: a key of rpo_lib.train.PRESETS")
+    p.add_argument("--preset", default="cpu_chat", help="starting settings: a key of rpo_lib.train.PRESETS")
     p.add_argument("--config", help="a JSON file of TrainConfig fields, applied after the preset")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a TrainConfig field, applied last (repeatable): --set method=rpo --set beta=0.01")

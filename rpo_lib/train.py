@@ -68,6 +68,7 @@ import numbers
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ from rpo_lib.models import (REF_ADAPTER, base_model, compute_dtype, disable_drop
                             frozen_copy, keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.parallel import SingleProcess, micro_batches, shard
+from rpo_lib.run_log import REPORT_TARGETS, RunLog
 from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
 
 __all__ = ["METHODS", "PRESETS", "History", "Method", "TrainConfig", "Trainer", "latest_checkpoint", "preset"]
@@ -130,6 +132,10 @@ class TrainConfig:
     max_length: int = 64  # longest prompt + completion in tokens (longer completions are cut, counted)
     max_prompt_length: int | None = None  # longer prompts keep their end (or are dropped), counted
     prompt_truncation: Literal["keep_end", "drop"] = "keep_end"  # what happens to a prompt over max_prompt_length
+    parse_special_tokens: bool = True  # False: a special token's text in the data (a typed "<|im_end|>") stays text
+    max_cut_share: float = 0.05  # more completions than this share cut to max_length (each losing its end of
+    #                              turn): a warning, or an error with strict=True
+    strict: bool = False  # refuse, instead of warning about, data the config fits badly (max_cut_share)
     gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
     padding_free: bool = False  # pack sequences into rows (rpo_lib.packing): no compute on padding
     packing_attention: Literal["mask", "varlen"] = "mask"  # packed rows: block-causal mask, or varlen attention
@@ -147,6 +153,8 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept
     progress: bool = True  # a tqdm progress bar with the live loss
+    report_to: tuple[str, ...] = ()  # "tensorboard" and/or "jsonl": the history as it grows (rpo_lib.run_log)
+    log_dir: str | None = None  # where report_to writes; None: <checkpoint_dir>/logs, else runs/<method>-<time>
     device: str | None = None  # None: CUDA, then MPS, then CPU
 
     def __post_init__(self) -> None:
@@ -185,6 +193,8 @@ _FIELD_RULES: dict[str, tuple[str, Any]] = {
     "batch_size": ("int", ">= 1"), "micro_batch_size": ("int?", ">= 1"), "max_steps": ("int", ">= 1"),
     "max_length": ("int", ">= 2"), "max_prompt_length": ("int?", ">= 1"), "gradient_checkpointing": ("bool", None),
     "prompt_truncation": ("choice", ("keep_end", "drop")), "padding_free": ("bool", None),
+    "parse_special_tokens": ("bool", None), "max_cut_share": ("real", ">= 0"), "strict": ("bool", None),
+    "report_to": ("targets", REPORT_TARGETS), "log_dir": ("text?", None),
     "packing_attention": ("choice", ("mask", "varlen")),
     "group_by_length": ("bool", None),
     "disable_dropout": ("bool", None), "seed": ("int", ">= 0"), "precompute_ref_logps": ("bool", None),
@@ -205,6 +215,9 @@ def _field_problem(name: str, value: Any, kind: str, bound: Any) -> str | None:
         return None if value in bound else f"{name} must be one of {list(bound)}; got {value!r}"
     if kind == "text":
         return None if isinstance(value, (str, os.PathLike)) else f"{name} must be text; got {value!r}"
+    if kind == "targets":
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) and v in bound for v in value)
+        return None if ok else f"{name} must be a tuple of {list(bound)}; got {value!r}"
     if kind == "betas":
         ok = (isinstance(value, (tuple, list)) and len(value) == 2
               and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= float(b) < 1 for b in value))
@@ -236,6 +249,8 @@ def _problems(config: TrainConfig) -> list[str]:
     if config.max_prompt_length is not None and config.max_prompt_length >= config.max_length:
         problems.append(f"max_prompt_length must be below max_length={config.max_length} (a completion needs "
                         f"room); got {config.max_prompt_length}")
+    if config.max_cut_share > 1:
+        problems.append(f"max_cut_share is a share of completions, in [0, 1]; got {config.max_cut_share}")
     if config.eta is not None and config.sft_weight is not None:
         problems.append(f"give RPO's coefficient once: eta={config.eta} (Liu et al.'s, times beta) or "
                         f"sft_weight={config.sft_weight} (a plain weight), not both")
@@ -249,9 +264,17 @@ def _problems(config: TrainConfig) -> list[str]:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # A ~0.1M-parameter model on a 2-core CPU (notebook 07): a few seconds per 100 steps.
+    # A ~0.1M-parameter model on a 2-core CPU (notebook 07): a few seconds per 100 steps. Its max_length of 48 suits
+    # the task's short lists, not chat data: real chat rows are cut (the trainer warns), use "cpu_chat" for those.
     "tiny": TrainConfig(learning_rate=1e-3, batch_size=16, max_length=48, warmup_steps=10, max_steps=300,
                         lam=0.05, online_max_new_tokens=16),
+    # A small real chat model (SmolLM2-135M-Instruct, rpo_lib.models.smollm2) with a LoRA adapter on a laptop CPU
+    # (notebook 08's CPU mode; the launcher's default). max_length 512 / prompts 256 hold typical chat turns whole
+    # (a cut completion loses its end of turn: the trainer warns above max_cut_share); padding-free batches spend no
+    # time on padding, which on a CPU is time. A step of 8 pairs of ~100 tokens takes ~5 s on 2 cores.
+    "cpu_chat": TrainConfig(method="rpo", beta=0.1, learning_rate=2e-4, batch_size=8, micro_batch_size=4,
+                            max_length=512, max_prompt_length=256, warmup_steps=5, lr_schedule="cosine",
+                            max_steps=100, padding_free=True, lam=2e-4, k_online=2, online_max_new_tokens=96),
     # A 7B model in 4-bit with a LoRA adapter on one 24-80 GB GPU. beta and eta are Liu et al.'s published
     # zephyr-7b-beta values with the alignment-handbook normalisation (RPO_VARIANTS["handbook"]); the learning
     # rate is a usual LoRA DPO value. 64 pairs per step = 32 micro-batches of 2; one UltraFeedback epoch
@@ -269,7 +292,7 @@ PRESETS: dict[str, TrainConfig] = {
 RESUME_FREE = frozenset({"micro_batch_size", "gradient_checkpointing", "padding_free", "packing_attention",
                          "precompute_ref_batch_size",
                          "online_sample_rows", "eval_every", "checkpoint_dir", "save_every", "keep_checkpoints",
-                         "progress", "device", "max_steps"})
+                         "progress", "device", "max_steps", "max_cut_share", "strict", "report_to", "log_dir"})
 # padding_free: how many examples the trainer scores both ways before training (2: four sequences packed, so some share
 # a row; padded one pair at a time, the shortest: a small pass), and the largest difference per
 # completion token (nats) it accepts, by compute dtype. Measured on CPU in float32: at most 2e-6 on every family
@@ -454,9 +477,19 @@ class Trainer:
         self.examples: list[Any]
         self.examples, self.report = tokenize(rows, tokenizer, max_length=config.max_length,
                                               max_prompt_length=config.max_prompt_length,
-                                              prompt_truncation=config.prompt_truncation)
-        if (self.report.n_dropped or self.report.truncated) and self.parallel.is_main:
-            print(f"rpo_lib.train: {self.report}")  # nothing is dropped silently (rpo_lib.data)
+                                              prompt_truncation=config.prompt_truncation,
+                                              parse_special_tokens=config.parse_special_tokens)
+        report = self.report
+        if (report.n_dropped or report.truncated or report.special_text) and self.parallel.is_main:
+            print(f"rpo_lib.train: {report}")  # nothing is dropped silently (rpo_lib.data)
+        if report.cut_share > config.max_cut_share:
+            message = (f"{report.completions_cut} of {report.completions} completions ({report.cut_share:.0%}) are cut "
+                       f"to max_length={config.max_length} and lose their end-of-turn token, above max_cut_share="
+                       f"{config.max_cut_share:g}: the model would learn replies that never end. Raise max_length "
+                       f"(preset('cpu_chat') holds typical chat turns), or filter long rows out.")
+            if config.strict:
+                raise ValueError(f"strict=True: {message}")
+            warnings.warn(f"rpo_lib.train: {message}", UserWarning, stacklevel=2)
         self.data_fingerprint = fingerprint(self.examples)
         self.history = History()
         self.seconds = 0.0
@@ -868,8 +901,11 @@ class Trainer:
             self._claim_checkpoint_dir(overwrite)
             self._seed_everything()
         self._precompute()
+        log = self._run_log()
         if self.step == 0 and self.evaluate is not None and not self.history:
             self.history.append({"step": 0, **self._evaluate()})
+            if log is not None:
+                log.write(self.history[-1])
         bar = tqdm(total=config.max_steps, initial=self.step, desc=config.method.upper(),
                    disable=not config.progress or not self.parallel.is_main, leave=True)
         try:
@@ -881,6 +917,8 @@ class Trainer:
                 if self.evaluate is not None and (last or (config.eval_every and self.step % config.eval_every == 0)):
                     row.update(self._evaluate())
                 self.history.append(row)
+                if log is not None:
+                    log.write(row)
                 self.seconds += time.perf_counter() - started
                 postfix = {"loss": f"{row['loss']:.4f}"}
                 if "gold/reward" in row:
@@ -897,8 +935,21 @@ class Trainer:
             if self.parallel.is_main:
                 print(f"Interrupted during step {self.step + 1}. {hint}")
             raise
+        finally:
+            if log is not None:
+                log.close()
         bar.close()
         return self.history
+
+    def _run_log(self) -> RunLog | None:
+        """The main process's ``RunLog`` when ``report_to`` names targets (``rpo_lib.run_log``)."""
+        config = self.config
+        if not config.report_to or not self.parallel.is_main:
+            return None
+        directory = config.log_dir or (os.path.join(config.checkpoint_dir, "logs") if config.checkpoint_dir else
+                                       os.path.join("runs", f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self.log_dir = Path(directory)
+        return RunLog(directory, config.report_to, dataclasses.asdict(config))
 
     def _claim_checkpoint_dir(self, overwrite: bool) -> None:
         """A new run may write into ``checkpoint_dir`` only if it holds no checkpoints, or if told to delete them."""

@@ -60,10 +60,13 @@ def test_bad_rows_are_dropped_and_counted(tokenizer):
     ]
     examples, report = tokenize_preferences(rows, tokenizer, max_length=6)
     assert report.kept == len(examples) == 2
-    assert report.dropped == {"empty completion": 1, "chosen identical to rejected": 1, "prompt too long": 1}
+    assert report.dropped == {"empty completion": 1, "chosen identical to rejected": 1,
+                              "chosen and rejected tokenize identically": 0, "prompt too long": 1}
     assert report.truncated == 1 and len(examples[1].chosen_ids) == 4  # 6 - 2 prompt tokens, EOS cut off
+    assert report.completions_cut == 1 and report.completions == 4 and report.cut_share == 0.25
     assert str(report) == ("kept 2 of 5 pairs; dropped 1 (empty completion), 1 (chosen identical to rejected), "
-                           "1 (prompt too long); 1 truncated to max_length.")
+                           "1 (prompt too long); 1 truncated to max_length (1 of 4 completions cut, 25%, each losing "
+                           "its end of turn).")
 
 
 def test_pairs_identical_after_truncation_are_dropped(tokenizer):

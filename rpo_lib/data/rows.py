@@ -48,6 +48,7 @@ every row dropped                         ``ValueError`` with the counts
 from __future__ import annotations
 
 import hashlib
+import warnings
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -58,7 +59,8 @@ from torch import Tensor
 
 __all__ = ["PREFERENCE_FIELDS", "SFT_FIELDS", "DataReport", "PreferenceExample", "PromptTruncation", "SFTExample",
            "check_tokenizer", "collate_preferences", "collate_sft", "fingerprint", "new_report", "pad_rows",
-           "tokenize_preferences", "tokenize_row", "tokenize_sft"]
+           "special_strings", "start_tokens", "text_rows_for_chat_model", "tokenize_preferences", "tokenize_row",
+           "tokenize_sft"]
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "completion")
@@ -74,6 +76,16 @@ class DataReport:
     truncated: int = 0
     what: str = "rows"
     prompts_truncated: int = 0
+    completions_cut: int = 0  # completions (not rows) cut to max_length: each lost its end of turn / EOS
+    completions: int = 0  # completions kept in all (2 per pair, 1 per SFT row)
+    special_text: int = 0  # kept rows whose text holds a special token's string (e.g. a typed "<|im_end|>")
+    parse_special_tokens: bool = True  # how those strings were tokenized: as special tokens, or as plain text
+    text_rows_for_chat_model: bool = False  # text rows given to a tokenizer with a chat template
+
+    @property
+    def cut_share(self) -> float:
+        """The share of kept completions cut to ``max_length`` (each lost its end-of-turn or EOS token)."""
+        return self.completions_cut / self.completions if self.completions else 0.0
 
     @property
     def n_dropped(self) -> int:
@@ -85,9 +97,14 @@ class DataReport:
         if reasons:
             text += "; dropped " + ", ".join(reasons)
         if self.truncated:
-            text += f"; {self.truncated} truncated to max_length"
+            text += (f"; {self.truncated} truncated to max_length ({self.completions_cut} of {self.completions} "
+                     f"completions cut, {self.cut_share:.0%}, each losing its end of turn)")
         if self.prompts_truncated:
             text += f"; {self.prompts_truncated} prompts cut to max_prompt_length (their end kept)"
+        if self.special_text:
+            how = ("read as special tokens (parse_special_tokens=False reads them as text)"
+                   if self.parse_special_tokens else "read as plain text")
+            text += f"; {self.special_text} with a special token's text in them, {how}"
         return text + "."
 
 
@@ -183,30 +200,103 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return n
 
 
-def _encode_text(tokenizer: Any, text: str) -> list[int]:
-    """``tokenizer(text)``'s ids; a text that already starts with the BOS token keeps one BOS, not two."""
-    ids = list(tokenizer(text)["input_ids"])
+def _encode_text(tokenizer: Any, text: str, *, plain: bool = False) -> list[int]:
+    """``tokenizer(text)``'s ids; a text that already starts with the BOS token keeps one BOS, not two. ``plain``:
+    special tokens' strings in the text are read as plain text."""
+    ids = list(tokenizer(text, split_special_tokens=True)["input_ids"] if plain else tokenizer(text)["input_ids"])
     bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
     if bos is not None and bos_text and text.startswith(bos_text) and ids[:2] == [bos, bos]:
         ids = ids[1:]
     return ids
 
 
-def _encode_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> list[int]:
+def _encode_chat(tokenizer: Any, messages: Chat, *, generation_prompt: bool, plain: bool = False) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational rows need a tokenizer with a chat template (tokenizer.chat_template is "
                          "empty): set one, or give the rows as text.")
+    if plain:  # the template's own markers stay special; the messages' text is read as plain text
+        return _encode_chat_plain(tokenizer, messages, generation_prompt=generation_prompt)
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                             return_dict=True)
     return list(encoded["input_ids"])
 
 
-def _split(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+def _encode_chat_plain(tokenizer: Any, messages: Chat, *, generation_prompt: bool) -> list[int]:
+    """The rendered conversation tokenized in pieces: the template's text as usual, each message's content with its
+    special tokens' strings read as plain text (only for rows that hold such strings: pieces can merge differently
+    at their seams than a whole text does)."""
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    ids: list[int] = []
+    position = 0
+    for message in messages:
+        at = rendered.find(message["content"], position) if message["content"] else -1
+        if at < 0:
+            continue
+        ids += tokenizer(rendered[position:at], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        position = at + len(message["content"])
+    return ids + list(tokenizer(rendered[position:], add_special_tokens=False)["input_ids"])
+
+
+def _split(tokenizer: Any, prompt: Any, completion: Any, plain: bool = False) -> tuple[list[int], list[int]]:
     """(prompt ids, prompt + completion ids): text through the tokenizer, conversations through the template."""
     if isinstance(prompt, str):
-        return _encode_text(tokenizer, prompt), _encode_text(tokenizer, prompt + completion)
-    return (_encode_chat(tokenizer, prompt, generation_prompt=True),
-            _encode_chat(tokenizer, prompt + completion, generation_prompt=False))
+        return (_encode_text(tokenizer, prompt, plain=plain),
+                _encode_text(tokenizer, prompt + completion, plain=plain))
+    return (_encode_chat(tokenizer, prompt, generation_prompt=True, plain=plain),
+            _encode_chat(tokenizer, prompt + completion, generation_prompt=False, plain=plain))
+
+
+def start_tokens(tokenizer: Any) -> list[int]:
+    """What the tokenizer writes before any text: its BOS when it adds one (Llama, Mistral, Gemma), else nothing
+    (GPT-2, Qwen, SmolLM2). What counts as a BOS is what the tokenizer or the template adds, not ``bos_token``:
+    ChatML tokenizers name ``<|im_start|>``, which opens every turn, as their ``bos_token``."""
+    return list(tokenizer("")["input_ids"])
+
+
+def _bos_opens_turns(tokenizer: Any) -> bool:
+    """Whether the tokenizer's ``bos_token`` is a turn marker of its chat template (ChatML's ``<|im_start|>``)."""
+    template, bos_text = getattr(tokenizer, "chat_template", None), tokenizer.bos_token
+    return bool(template and bos_text and isinstance(template, str) and bos_text in template)
+
+
+def special_strings(tokenizer: Any) -> list[str]:
+    """The strings of the tokenizer's special tokens (what a text must not contain to be read as written)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return sorted(s for s in specials if s)
+
+
+def _texts(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [message["content"] for message in value]
+
+
+def _truncate_chat(tokenizer: Any, messages: Chat, limit: int) -> Chat | None:
+    """The conversation's end that renders to at most ``limit`` tokens with the template's generation prompt: the
+    oldest turns go first (a leading system message stays), then the start of the last message's text. The
+    template renders every kept turn, so each keeps its role header. None if not even that fits."""
+    def length(conversation: Chat) -> int:
+        return len(_encode_chat(tokenizer, conversation, generation_prompt=True))
+
+    system = list(messages[:1]) if messages[0]["role"] == "system" and len(messages) > 1 else []
+    rest = list(messages[len(system):])
+    while len(rest) > 1 and length(system + rest) > limit:
+        rest = rest[1:]
+    while len(rest) > 1 and rest[0]["role"] != "user":  # templates expect a user turn first
+        rest = rest[1:]
+    if length(system + rest) <= limit:
+        return system + rest
+    last = rest[-1]
+    room = limit - length(system + [{**last, "content": ""}])
+    ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+    while room > 0:
+        conversation = system + [{**last, "content": tokenizer.decode(ids[len(ids) - room:])}]
+        if length(conversation) <= limit:
+            return conversation
+        room -= 1
+    return None
 
 
 def check_tokenizer(tokenizer: Any) -> None:
@@ -221,16 +311,20 @@ def _is_empty(completion: Any) -> bool:
 
 
 PromptTruncation = Literal["keep_end", "drop"]
-KEPT, TRUNCATED, PROMPT_TRUNCATED = "kept", "truncated", "prompt truncated"
+KEPT, TRUNCATED, PROMPT_TRUNCATED, SPECIAL_TEXT = "kept", "truncated", "prompt truncated", "special text"
+IDENTICAL_TOKENS = "chosen and rejected tokenize identically"
 
 
 def tokenize_row(row: Mapping[str, Any], index: int, tokenizer: Any, completion_fields: tuple[str, ...], *,
                  max_length: int, max_prompt_length: int | None,
-                 prompt_truncation: PromptTruncation = "keep_end") -> tuple[str, list[int], list[list[int]]]:
+                 prompt_truncation: PromptTruncation = "keep_end",
+                 parse_special_tokens: bool = True) -> tuple[str, list[int], list[list[int]]]:
     """The rules of the module docstring for one row: ``(outcome, prompt_ids, [completion_ids, ...])``.
 
-    ``outcome`` is ``"kept"``, ``"truncated"`` (a completion was cut), ``"prompt truncated"`` or a reason for
-    dropping the row (a key of ``DataReport.dropped``; the ids are then empty). ``tokenize_preferences`` and
+    ``outcome`` is a reason for dropping the row (a key of ``DataReport.dropped``; the ids are then empty), or what
+    happened to a kept one: ``"kept"``, or ``"+"``-joined parts among ``"prompt truncated"``, ``"truncated"`` (with
+    ``"cut<n>"``: n completions cut) and ``"special text"`` (a special token's string in the text; read as plain
+    text when ``parse_special_tokens`` is False). ``tokenize_preferences`` and
     ``rpo_lib.data.sources.tokenize_dataset`` (through ``datasets.map``) both call it."""
     paired = len(completion_fields) == 2
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
@@ -239,70 +333,119 @@ def tokenize_row(row: Mapping[str, Any], index: int, tokenizer: Any, completion_
         return "empty completion", [], []
     if paired and texts[0] == texts[1]:
         return "chosen identical to rejected", [], []
-    splits = [_split(tokenizer, prompt, text) for text in texts]
+    parts = []
+    specials = special_strings(tokenizer)
+    if any(marker in text for value in (prompt, *texts) for text in _texts(value) for marker in specials):
+        parts.append(SPECIAL_TEXT)
+    plain = not parse_special_tokens and bool(parts)
+    if (max_prompt_length is not None and not isinstance(prompt, str)
+            and len(_encode_chat(tokenizer, prompt, generation_prompt=True, plain=plain)) > max_prompt_length):
+        if prompt_truncation == "drop":
+            return "prompt too long", [], []
+        prompt = _truncate_chat(tokenizer, prompt, max_prompt_length)
+        if prompt is None:
+            return "prompt too long", [], []
+        parts.append(PROMPT_TRUNCATED)
+    splits = [_split(tokenizer, prompt, text, plain) for text in texts]
     # The completion starts where prompt and prompt + completion first differ; the prompt kept is the part every
     # completion shares (a merge across the boundary can differ between completions).
     cut = min(_common_prefix(prompt_ids, full_ids) for prompt_ids, full_ids in splits)
     prompt_ids = splits[0][0][:cut]
     completions = [full_ids[cut:] for _, full_ids in splits]
+    start = start_tokens(tokenizer)
+    usable_bos = bos is not None and not _bos_opens_turns(tokenizer)
     if not prompt_ids:  # nothing before the completion: its first token would never be scored
-        if bos is None:
-            raise ValueError(f"row {index} has an empty prompt and the tokenizer has no BOS token, so the "
-                             f"completion's first token could not be scored: give the row a prompt, or set "
-                             f"tokenizer.bos_token (GPT-2-style models use the EOS token).")
-        prompt_ids = [bos]
+        if start:
+            prompt_ids = start
+        elif usable_bos:
+            prompt_ids = [bos]
+        else:
+            why = ("its bos_token opens a chat turn" if bos is not None else "the tokenizer has no BOS token")
+            raise ValueError(f"row {index} has an empty prompt and {why}, so the completion's first token could not "
+                             f"be scored: give the row a prompt, or set tokenizer.bos_token (GPT-2-style models use "
+                             f"the EOS token).")
     if isinstance(prompt, str):  # text rows end with EOS (once); a template ends its turns itself
         completions = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completions]
-    outcome = KEPT
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:  # text prompts (chats fit already)
         if prompt_truncation == "drop":
             return "prompt too long", [], []
-        head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
+        head = start if start and prompt_ids[:len(start)] == start else (
+            [bos] if usable_bos and prompt_ids[0] == bos else [])
         prompt_ids = head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(head)):]
-        outcome = PROMPT_TRUNCATED
+        parts.append(PROMPT_TRUNCATED)
+    if paired and completions[0] == completions[1]:  # different texts, same tokens: no gradient from DPO
+        return IDENTICAL_TOKENS, [], []
     room = max_length - len(prompt_ids)
     if room <= 0:
         return "prompt too long", [], []
-    if any(len(ids) > room for ids in completions):
+    cut_count = sum(len(ids) > room for ids in completions)
+    if cut_count:
         completions = [ids[:room] for ids in completions]
         if paired and completions[0] == completions[1]:
             return "chosen identical to rejected", [], []
-        outcome = TRUNCATED if outcome == KEPT else outcome + "+" + TRUNCATED
-    return outcome, prompt_ids, completions
+        parts += [TRUNCATED, f"cut{cut_count}"]
+    return "+".join(parts) or KEPT, prompt_ids, completions
 
 
-def new_report(rows_in: int, completion_fields: tuple[str, ...], outcomes: Iterable[str], what: str) -> DataReport:
+def new_report(rows_in: int, completion_fields: tuple[str, ...], outcomes: Iterable[str], what: str, *,
+               parse_special_tokens: bool = True, text_rows_for_chat_model: bool = False) -> DataReport:
     """Count the outcomes of ``tokenize_row`` into a ``DataReport``."""
     paired = len(completion_fields) == 2
-    dropped = {"empty completion": 0, **({"chosen identical to rejected": 0} if paired else {}), "prompt too long": 0}
-    kept = truncated = prompts_truncated = 0
+    dropped = {"empty completion": 0, **({"chosen identical to rejected": 0, IDENTICAL_TOKENS: 0} if paired else {}),
+               "prompt too long": 0}
+    kept = truncated = prompts_truncated = cut = special = 0
     for outcome in outcomes:
         if outcome in dropped:
             dropped[outcome] += 1
             continue
         kept += 1
-        truncated += TRUNCATED in outcome
-        prompts_truncated += PROMPT_TRUNCATED in outcome
+        parts = outcome.split("+")
+        truncated += TRUNCATED in parts
+        prompts_truncated += PROMPT_TRUNCATED in parts
+        special += SPECIAL_TEXT in parts
+        cut += sum(int(part[3:]) for part in parts if part.startswith("cut"))
     return DataReport(rows_in=rows_in, kept=kept, dropped=dropped, truncated=truncated, what=what,
-                      prompts_truncated=prompts_truncated)
+                      prompts_truncated=prompts_truncated, completions_cut=cut,
+                      completions=kept * len(completion_fields), special_text=special,
+                      parse_special_tokens=parse_special_tokens, text_rows_for_chat_model=text_rows_for_chat_model)
+
+
+def text_rows_for_chat_model(rows: Any, tokenizer: Any) -> bool:
+    """Whether text rows (a str prompt) are given to a tokenizer with a chat template; warns once if so: a chat model
+    expects its template's turns, and text bypasses them without a word otherwise."""
+    first = next(iter(rows), None) if not hasattr(rows, "column_names") else (rows[0] if len(rows) else None)
+    if not getattr(tokenizer, "chat_template", None) or not isinstance(first, Mapping):
+        return False
+    value = first.get("prompt", first.get("chosen"))
+    if not isinstance(value, str):
+        return False
+    warnings.warn("rpo_lib.data: these rows are plain text, and the tokenizer has a chat template: the text is "
+                  "tokenized as it is, without the template's turns, which a chat model expects. Give the rows as "
+                  "conversations ([{'role': 'user', 'content': ...}]) to render them through the template, or "
+                  "ignore this if the text is already formatted as the model expects.", UserWarning, stacklevel=3)
+    return True
 
 
 def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion_fields: tuple[str, ...], *,
                    max_length: int, max_prompt_length: int | None, what: str,
-                   prompt_truncation: PromptTruncation = "keep_end"
+                   prompt_truncation: PromptTruncation = "keep_end", parse_special_tokens: bool = True
                    ) -> tuple[list[tuple[list[int], list[list[int]]]], DataReport]:
     """``tokenize_row`` over every row: ``[(prompt_ids, [completion_ids, ...])]`` of the kept ones, and the report."""
     check_tokenizer(tokenizer)
+    rows = rows if hasattr(rows, "__len__") else list(rows)
+    as_text = text_rows_for_chat_model(rows, tokenizer)
     kept: list[tuple[list[int], list[list[int]]]] = []
     outcomes = []
     for index, row in enumerate(rows):
         outcome, prompt_ids, completions = tokenize_row(row, index, tokenizer, completion_fields,
                                                         max_length=max_length, max_prompt_length=max_prompt_length,
-                                                        prompt_truncation=prompt_truncation)
+                                                        prompt_truncation=prompt_truncation,
+                                                        parse_special_tokens=parse_special_tokens)
         outcomes.append(outcome)
         if prompt_ids:
             kept.append((prompt_ids, completions))
-    report = new_report(len(outcomes), completion_fields, outcomes, what)
+    report = new_report(len(outcomes), completion_fields, outcomes, what, parse_special_tokens=parse_special_tokens,
+                        text_rows_for_chat_model=as_text)
     if not kept:
         kind = "preference rows" if len(completion_fields) == 2 else "SFT rows"
         raise ValueError(f"no usable {kind}: {report} Check max_length and the data.")
@@ -310,33 +453,38 @@ def _tokenize_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, completion
 
 
 def _examples(rows: Any, tokenizer: Any, names: tuple[str, ...], kind: type, what: str, *, max_length: int,
-              max_prompt_length: int | None, prompt_truncation: PromptTruncation) -> tuple[list[Any], DataReport]:
+              max_prompt_length: int | None, prompt_truncation: PromptTruncation,
+              parse_special_tokens: bool = True) -> tuple[list[Any], DataReport]:
     """``kind(prompt_ids, *completion_ids)`` for every kept row, and the report. A dataset that
     ``rpo_lib.data.tokenize_dataset`` made (columns ``<field>_ids``) is taken as it is."""
     columns = getattr(rows, "column_names", None)
     if columns and all(f"{name}_ids" in columns for name in names):
         data = rows.select_columns([f"{name}_ids" for name in names]).with_format(None)
         examples = [kind(*(list(row[f"{name}_ids"]) for name in names)) for row in data]
-        return examples, DataReport(rows_in=len(examples), kept=len(examples), what=what)
+        report = getattr(rows, "rpo_report", None)  # tokenize_dataset's report, carried on the dataset
+        return examples, report or DataReport(rows_in=len(examples), kept=len(examples), what=what)
     kept, report = _tokenize_rows(rows, tokenizer, names[1:], max_length=max_length,
-                                  max_prompt_length=max_prompt_length, what=what, prompt_truncation=prompt_truncation)
+                                  max_prompt_length=max_prompt_length, what=what, prompt_truncation=prompt_truncation,
+                                  parse_special_tokens=parse_special_tokens)
     return [kind(prompt, *completions) for prompt, completions in kept], report
 
 
 def tokenize_preferences(rows: Iterable[Mapping[str, Any]], tokenizer: Any, *, max_length: int,
                          max_prompt_length: int | None = None, prompt_truncation: PromptTruncation = "keep_end",
-                         ) -> tuple[list[PreferenceExample], DataReport]:
+                         parse_special_tokens: bool = True) -> tuple[list[PreferenceExample], DataReport]:
     """Check and tokenize preference rows (see the module docstring for what happens to bad ones)."""
     return _examples(rows, tokenizer, PREFERENCE_FIELDS, PreferenceExample, "pairs", max_length=max_length,
-                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation)
+                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation,
+                     parse_special_tokens=parse_special_tokens)
 
 
 def tokenize_sft(rows: Iterable[Mapping[str, Any]], tokenizer: Any, *, max_length: int,
                  max_prompt_length: int | None = None, prompt_truncation: PromptTruncation = "keep_end",
-                 ) -> tuple[list[SFTExample], DataReport]:
+                 parse_special_tokens: bool = True) -> tuple[list[SFTExample], DataReport]:
     """Check and tokenize SFT rows ``{"prompt", "completion"}`` (same rules as for preferences)."""
     return _examples(rows, tokenizer, SFT_FIELDS, SFTExample, "rows", max_length=max_length,
-                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation)
+                     max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation,
+                     parse_special_tokens=parse_special_tokens)
 
 
 def pad_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

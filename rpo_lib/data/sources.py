@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from rpo_lib.data.rows import (PREFERENCE_FIELDS, DataReport, PromptTruncation, check_tokenizer, new_report,
-                               tokenize_row)
+                               text_rows_for_chat_model, tokenize_row)
 
 __all__ = ["SAMPLES_DIR", "SCHEMAS", "Schema", "detect_schema", "load_preferences", "parse_hh", "sample_file",
            "tokenize_dataset"]
@@ -200,30 +200,35 @@ def load_preferences(source: str | os.PathLike, *, split: str | None = None, sch
 
 
 def tokenize_dataset(dataset: Any, tokenizer: Any, *, max_length: int, max_prompt_length: int | None = None,
-                     prompt_truncation: PromptTruncation = "keep_end", num_proc: int | None = None
-                     ) -> tuple[Any, DataReport]:
+                     prompt_truncation: PromptTruncation = "keep_end", num_proc: int | None = None,
+                     parse_special_tokens: bool = True) -> tuple[Any, DataReport]:
     """Tokenize ``{"prompt", "chosen", "rejected"}`` rows with ``datasets.map``: ``(dataset, report)``.
 
     The dataset returned has the columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``length`` (prompt plus
     the longer completion, for length grouping); dropped rows are gone and counted in the report. ``Trainer`` takes
     it as its rows. ``map`` caches the result by the input's fingerprint and the arguments, so a second call with the
-    same data and settings reads it from disk."""
+    same data and settings reads it from disk. The report rides along as ``dataset.rpo_report``, so that the
+    trainer can warn about cut completions."""
     check_tokenizer(tokenizer)
     fields = PREFERENCE_FIELDS[1:]
+    as_text = text_rows_for_chat_model(dataset, tokenizer)
 
     def one(row: Mapping[str, Any], index: int) -> dict[str, Any]:
         outcome, prompt_ids, completions = tokenize_row(row, index, tokenizer, fields, max_length=max_length,
                                                         max_prompt_length=max_prompt_length,
-                                                        prompt_truncation=prompt_truncation)
+                                                        prompt_truncation=prompt_truncation,
+                                                        parse_special_tokens=parse_special_tokens)
         chosen, rejected = completions if completions else ([], [])
         return {"outcome": outcome, "prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected,
                 "length": len(prompt_ids) + max(len(chosen), len(rejected))}
 
     mapped = dataset.map(one, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
                          desc="tokenizing")
-    report = new_report(len(mapped), fields, mapped["outcome"], "pairs")
+    report = new_report(len(mapped), fields, mapped["outcome"], "pairs", parse_special_tokens=parse_special_tokens,
+                        text_rows_for_chat_model=as_text)
     kept = mapped.filter(lambda length: length > 0, input_columns="length", num_proc=num_proc)
     kept = kept.remove_columns("outcome")
     if len(kept) == 0:
         raise ValueError(f"no usable preference rows: {report} Check max_length and the data.")
+    kept.rpo_report = report
     return kept, report
