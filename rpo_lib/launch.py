@@ -62,10 +62,10 @@ from pathlib import Path
 from typing import Any
 
 from rpo_lib.models import LoraSettings, smollm2
-
-SMOLLM2_ALIAS = "smollm2"  # --model smollm2: the small real chat model, from the Hub or converted offline
 from rpo_lib.parallel import STRATEGIES, Strategy, check_strategy
 from rpo_lib.train import History, TrainConfig, preset
+
+SMOLLM2_ALIAS = "smollm2"  # --model smollm2: the small real chat model, from the Hub or converted offline
 
 __all__ = ["Job", "LaunchError", "LaunchResult", "command", "launch", "main", "run_job"]
 
@@ -83,8 +83,8 @@ class Job:
     """Everything a process needs to build and run the training job (it is written to JSON for them).
 
     Attributes:
-        model: a hub id or a local model directory (``rpo_lib.models.load_policy``); ``"smollm2"``: SmolLM2-135M-Instruct
-            (``rpo_lib.models.smollm2``).
+        model: a hub id or a local model directory (``rpo_lib.models.load_policy``); ``"smollm2"``:
+            SmolLM2-135M-Instruct (``rpo_lib.models.smollm2``).
         data: a dataset id or file (``rpo_lib.data.load_preferences``; for ``method="sft"`` a .jsonl/.json of SFT
             rows), or the rows themselves (a list of dicts, written into the job file).
         config: the ``TrainConfig``; its ``checkpoint_dir`` defaults to ``<output_dir>/checkpoints``.
