@@ -7,24 +7,31 @@
     report.win_rate, report.kl
 
 For each prompt, one response is sampled from the policy and one from ``pi_ref`` (the trainer's reference: the base
-with the adapter off, the SFT adapter, or ``ref_model``); the reward model scores both, as the decoded text
-``prompt + response``; the policy wins when its score is higher (a tie counts half). The KL is the Monte-Carlo
-estimate ``mean(log pi(y|x) - log pi_ref(y|x))`` over the policy's samples, whole responses (summed log-probs):
+with the adapter off, the SFT adapter, or ``ref_model``); the reward model scores both (a conversation through the
+reward model's own chat template, else the prompt's text with its chat markers and the response), or a gold score
+function does (``rpo_lib.chat_task.gold_score``); the policy wins when its score is higher (a tie counts half).
+The KL is the Monte-Carlo estimate ``mean(log pi(y|x) - log pi_ref(y|x))`` over the policy's samples, whole responses (summed log-probs):
 the quantity HyPO's online term pushes down (Song et al., Algorithm 1) and RPO leaves to the SFT term.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Comparison", "RewardModel", "compare_to_reference", "load_reward_model", "reward_scores",
-           "tiny_reward_checkpoint"]
+from rpo_lib.logprobs import completion_logprobs
+from rpo_lib.models import as_reference
+from rpo_lib.sample import Samples, sample
+
+__all__ = ["Comparison", "GoldScore", "Prompt", "RewardModel", "compare_to_reference", "load_reward_model",
+           "reward_scores", "tiny_reward_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class Comparison:
     kl_stderr: float
     policy_texts: list[str]
     reference_texts: list[str]
+    finished_policy: float = float("nan")  # share of the policy's samples that ended their turn
+    finished_reference: float = float("nan")
 
     def __str__(self) -> str:
         return (f"win rate {self.win_rate:.2f} over {len(self.policy_texts)} prompts; mean reward "
@@ -104,24 +113,107 @@ class Comparison:
                 f"KL(pi || pi_ref) = {self.kl:.3f} +- {self.kl_stderr:.3f} nats")
 
 
-def compare_to_reference(trainer: Any, prompt_ids: Sequence[Sequence[int]], reward: RewardModel, *,
-                         max_new_tokens: int = 256, seed: int = 0) -> Comparison:
-    """Sample one response per prompt from the policy and from ``pi_ref`` (``trainer.sample``), score both with the
-    reward model, and estimate ``KL(pi || pi_ref)`` from the policy's samples (see the module docstring)."""
-    generator = torch.Generator(device=trainer.device).manual_seed(seed)
-    policy = trainer.sample(prompt_ids, max_new_tokens=max_new_tokens, generator=generator)
-    reference = trainer.sample(prompt_ids, max_new_tokens=max_new_tokens, generator=generator, reference=True)
-    logp, ref_logp = trainer.score(policy)
+GoldScore = Callable[[str, bool], float]  # (response text, ended its turn) -> score; e.g. rpo_lib.chat_task.gold_score
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]  # text, token ids, or a conversation (messages)
+
+
+class _Sampler:
+    """What an evaluation needs from a policy: samples and summed log-probs under it and under ``pi_ref``. A
+    ``Trainer`` has them; a bare model (a loaded adapter with nothing trainable) gets them here."""
+
+    def __init__(self, policy: Any, tokenizer: Any, ref_model: Any) -> None:
+        self.trainer = policy if hasattr(policy, "batch_loss") else None
+        self.model = policy if self.trainer is None else None
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("compare_to_reference needs the tokenizer: pass tokenizer=... with a model.")
+        self.ref_model = ref_model
+        self.device = self.trainer.device if self.trainer is not None else next(policy.parameters()).device
+
+    def sample(self, prompt_ids: list[list[int]], *, reference: bool, **kwargs: Any) -> Samples:
+        if self.trainer is not None:
+            return self.trainer.sample(prompt_ids, reference=reference, **kwargs)
+        tokenizer = self.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with contextlib.ExitStack() as stack:
+            model = stack.enter_context(as_reference(self.model, ref_model=self.ref_model)) if reference \
+                else self.model
+            return sample(model, prompt_ids, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **kwargs)
+
+    @torch.no_grad()
+    def score(self, samples: Samples) -> tuple[Tensor, Tensor]:
+        if self.trainer is not None:
+            return self.trainer.score(samples)
+        batch = {key: value.to(self.device) for key, value in samples.batch().items()}
+        logp = completion_logprobs(self.model, **batch, reduction="sum")[0]
+        with as_reference(self.model, ref_model=self.ref_model) as reference:
+            ref_logp = completion_logprobs(reference, **batch, reduction="sum")[0]
+        return logp, ref_logp
+
+
+def _prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if prompt and isinstance(prompt[0], Mapping):
+        return list(tokenizer.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return [int(i) for i in prompt]  # type: ignore[arg-type]
+
+
+def _reward_texts(reward: RewardModel, tokenizer: Any, prompts: Sequence[Prompt], prompt_ids: list[list[int]],
+                  responses: list[str]) -> list[str]:
+    """What the reward model reads: the conversation rendered by *its* chat template when the prompt is a
+    conversation and it has one; else the prompt as the policy saw it (its chat markers kept, padding dropped) and
+    the response."""
+    template = getattr(reward.tokenizer, "chat_template", None)
+    texts = []
+    for prompt, ids, response in zip(prompts, prompt_ids, responses, strict=True):
+        if template and not isinstance(prompt, str) and prompt and isinstance(prompt[0], Mapping):
+            conversation = [*prompt, {"role": "assistant", "content": response}]
+            texts.append(reward.tokenizer.apply_chat_template(conversation, tokenize=False))
+        else:
+            texts.append(tokenizer.decode(ids, skip_special_tokens=False) + response)
+    return texts
+
+
+def compare_to_reference(policy: Any, prompts: Sequence[Prompt], reward: RewardModel | GoldScore, *,
+                         tokenizer: Any = None, ref_model: Any = None, max_new_tokens: int = 256,
+                         temperature: float = 1.0, seed: int = 0) -> Comparison:
+    """Sample one response per prompt from the policy and from ``pi_ref``, score both, and estimate
+    ``KL(pi || pi_ref)`` from the policy's samples (see the module docstring).
+
+    Args:
+        policy: a ``Trainer``, or a model (a PEFT model whose adapters are turned off for ``pi_ref``, or any model
+            with ``ref_model``): a loaded adapter needs nothing trainable to be evaluated.
+        prompts: conversations (lists of messages, rendered by the policy's chat template with the generation
+            prompt), texts, or token ids.
+        reward: a ``RewardModel`` (it reads the conversation through its own chat template when it has one), or
+            a gold score ``score(response_text, finished) -> float`` (``rpo_lib.chat_task.gold_score``).
+        tokenizer: the policy's tokenizer (a ``Trainer`` has it).
+        temperature: of both samplers (1: the policies themselves, as the KL estimate assumes)."""
+    sampler = _Sampler(policy, tokenizer, ref_model)
+    tokenizer = sampler.tokenizer
+    prompt_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    generator = torch.Generator(device=sampler.device).manual_seed(seed)
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "generator": generator}
+    mine_samples = sampler.sample(prompt_ids, reference=False, **options)
+    their_samples = sampler.sample(prompt_ids, reference=True, **options)
+    logp, ref_logp = sampler.score(mine_samples)
     ratio = (logp - ref_logp).float().cpu()
-    decode = trainer.tokenizer.decode
-    prompts = [decode(list(p), skip_special_tokens=True) for p in prompt_ids]
-    policy_texts = [decode(list(y), skip_special_tokens=True) for y in policy.completion_ids]
-    reference_texts = [decode(list(y), skip_special_tokens=True) for y in reference.completion_ids]
-    mine = reward_scores(reward, [p + y for p, y in zip(prompts, policy_texts, strict=True)])
-    theirs = reward_scores(reward, [p + y for p, y in zip(prompts, reference_texts, strict=True)])
+    decode = tokenizer.decode
+    policy_texts = [decode(list(y), skip_special_tokens=True) for y in mine_samples.completion_ids]
+    reference_texts = [decode(list(y), skip_special_tokens=True) for y in their_samples.completion_ids]
+    if isinstance(reward, RewardModel):
+        mine = reward_scores(reward, _reward_texts(reward, tokenizer, prompts, prompt_ids, policy_texts))
+        theirs = reward_scores(reward, _reward_texts(reward, tokenizer, prompts, prompt_ids, reference_texts))
+    else:
+        mine = torch.tensor([float(reward(t, bool(f))) for t, f in zip(policy_texts, mine_samples.finished)])
+        theirs = torch.tensor([float(reward(t, bool(f))) for t, f in zip(reference_texts, their_samples.finished)])
     wins = (mine > theirs).float() + 0.5 * (mine == theirs).float()
     n = len(prompts)
     stderr = float(ratio.std()) / math.sqrt(n) if n > 1 else float("nan")
     return Comparison(win_rate=float(wins.mean()), reward_policy=float(mine.mean()),
                       reward_reference=float(theirs.mean()), kl=float(ratio.mean()), kl_stderr=stderr,
-                      policy_texts=policy_texts, reference_texts=reference_texts)
+                      policy_texts=policy_texts, reference_texts=reference_texts,
+                      finished_policy=float(mine_samples.finished.float().mean()),
+                      finished_reference=float(their_samples.finished.float().mean()))

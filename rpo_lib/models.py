@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "LoraSettings", "TinyLMConfig", "base_model", "compute_dtype",
-           "disable_dropout", "enable_checkpointing", "find_dropout", "frozen_copy", "keep_4bit_trainable_on_cpu",
-           "launch_device", "load_policy", "prepare_for_kbit_training", "quantization_config", "smollm2",
-           "SMOLLM2_ID", "SMOLLM2_PYPI", "tiny_causal_lm", "tiny_checkpoint", "with_lora"]
+__all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "SMOLLM2_ID", "SMOLLM2_PYPI", "LoraSettings", "TinyLMConfig",
+           "as_reference", "base_model", "cache_dir", "compute_dtype", "disable_dropout", "enable_checkpointing",
+           "find_dropout", "frozen_copy", "is_peft", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy",
+           "prepare_for_kbit_training", "quantization_config", "smollm2", "tiny_causal_lm", "tiny_checkpoint",
+           "with_lora"]
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop")
 
@@ -285,6 +286,33 @@ def base_model(model: Any) -> Any:
     config. Forward passes go through the wrappers, so that their hooks run."""
     inner = getattr(model, "module", model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def is_peft(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model (it has adapters that can be turned off)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+@contextlib.contextmanager
+def as_reference(model: Any, *, ref_model: Any = None, ref_adapter_name: str | None = None) -> Any:
+    """``with as_reference(model) as ref:`` a model that computes ``pi_ref``: ``ref_model`` if given, else the PEFT
+    model with its reference adapter active (``ref_adapter_name``) or with its adapters disabled (the base)."""
+    if ref_model is not None:
+        yield ref_model
+    elif ref_adapter_name is not None:
+        active = model.active_adapter
+        model.set_adapter(ref_adapter_name, inference_mode=True)
+        try:
+            yield model
+        finally:
+            model.set_adapter(active)
+            model.set_requires_grad(ref_adapter_name, requires_grad=False)
+    elif is_peft(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise ValueError("no reference policy: give ref_model=..., or a PEFT model (its base with the adapter "
+                         "disabled is pi_ref).")
 
 
 COMPUTE_DTYPE_ATTRIBUTE = "rpo_compute_dtype"  # set by load_policy on full fine-tuning with float32 master weights

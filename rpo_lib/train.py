@@ -84,8 +84,8 @@ from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import (REF_ADAPTER, base_model, compute_dtype, disable_dropout, enable_checkpointing, find_dropout,
-                            frozen_copy, keep_4bit_trainable_on_cpu)
+from rpo_lib.models import (REF_ADAPTER, as_reference, base_model, compute_dtype, disable_dropout,
+                            enable_checkpointing, find_dropout, frozen_copy, is_peft, keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
 from rpo_lib.parallel import SingleProcess, micro_batches, shard
 from rpo_lib.run_log import REPORT_TARGETS, RunLog
@@ -334,10 +334,6 @@ def _model_name(model: Any) -> str:
     return type(base_model(model)).__name__
 
 
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 def _lr_factor(step: int, config: TrainConfig) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based): warm-up, then the schedule."""
     if step < config.warmup_steps:
@@ -532,7 +528,7 @@ class Trainer:
     def _ref_adapter(self, name: str | None) -> str | None:
         adapters = set(getattr(self.model, "peft_config", None) or {})
         if name is None:
-            return REF_ADAPTER if REF_ADAPTER in adapters and _is_peft(self.model) else None
+            return REF_ADAPTER if REF_ADAPTER in adapters and is_peft(self.model) else None
         if name not in adapters:
             raise ValueError(f"ref_adapter_name={name!r}, but the model's adapters are {sorted(adapters) or 'none'}: "
                              f"load the SFT adapter under that name (rpo_lib.models.load_policy(sft_adapter=...)).")
@@ -542,7 +538,7 @@ class Trainer:
         config = self.config
         if ref_model is not None:  # used under torch.no_grad; its requires_grad flags are left as they are
             return self._place(ref_model).eval()
-        if _is_peft(self.model):
+        if is_peft(self.model):
             return None  # the model with its adapter disabled
         needs_model = config.method == "hypo" or self.evaluate is not None or (
             config.method != "sft" and not config.precompute_ref_logps)
@@ -669,24 +665,14 @@ class Trainer:
     def reference_model(self) -> Iterator[Any]:
         """``with trainer.reference_model() as ref:`` a model that computes ``pi_ref``: ``ref_model``, the PEFT model
         with its reference adapter active or its adapter disabled, or (before the first step) the model itself."""
-        if self.ref_model is not None:
-            yield self.ref_model
-        elif self.ref_adapter_name is not None:
-            active = self.model.active_adapter
-            self.model.set_adapter(self.ref_adapter_name, inference_mode=True)
-            try:
-                yield self.model
-            finally:
-                self.model.set_adapter(active)
-                self.model.set_requires_grad(self.ref_adapter_name, requires_grad=False)
-        elif _is_peft(self.model):
-            with self.model.disable_adapter():
-                yield self.model
-        elif self.step > 0:
-            raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or an "
-                             "evaluator): pass ref_model=... to score against pi_ref after training.")
-        else:
+        if self.ref_model is None and self.ref_adapter_name is None and not is_peft(self.model):
+            if self.step > 0:
+                raise ValueError("this trainer keeps no reference model (precompute_ref_logps without HyPO or an "
+                                 "evaluator): pass ref_model=... to score against pi_ref after training.")
             yield self.model  # before the first step the model is pi_ref
+            return
+        with as_reference(self.model, ref_model=self.ref_model, ref_adapter_name=self.ref_adapter_name) as model:
+            yield model
 
     def _precompute(self) -> None:
         """Reference log-probs of every pair, (N, 2) chosen/rejected, computed once without gradients."""
@@ -1125,7 +1111,7 @@ class Trainer:
         """``save_pretrained`` of the model (the trained adapter only, for PEFT) and the tokenizer.
 
         With many processes every process must call it (sharded weights are gathered); the first one writes."""
-        peft = _is_peft(self.model)
+        peft = is_peft(self.model)
         state = self._trainable_state() if peft else {
             name: self.parallel.main_copy(value) for name, value in self.model.state_dict().items()}
         if self.parallel.is_main:
