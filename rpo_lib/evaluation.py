@@ -11,7 +11,8 @@ with the adapter off, the SFT adapter, or ``ref_model``); the reward model score
 reward model's own chat template, else the prompt's text with its chat markers and the response), or a gold score
 function does (``rpo_lib.chat_task.gold_score``); the policy wins when its score is higher (a tie counts half).
 The KL is the Monte-Carlo estimate ``mean(log pi(y|x) - log pi_ref(y|x))`` over the policy's samples, whole
-responses (summed log-probs): the quantity HyPO's online term pushes down (Song et al., Algorithm 1) and RPO leaves to the SFT term.
+responses (summed log-probs): the quantity HyPO's online term pushes down (Song et al., Algorithm 1) and RPO
+leaves to the SFT term.
 """
 
 from __future__ import annotations
