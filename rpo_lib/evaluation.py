@@ -191,14 +191,18 @@ def compare_to_reference(policy: Any, prompts: Sequence[Prompt], reward: RewardM
         reward: a ``RewardModel`` (it reads the conversation through its own chat template when it has one), or
             a gold score ``score(response_text, finished) -> float`` (``rpo_lib.chat_task.gold_score``).
         tokenizer: the policy's tokenizer (a ``Trainer`` has it).
-        temperature: of both samplers (1: the policies themselves, as the KL estimate assumes)."""
+        temperature: of both samplers (1: the policies themselves, as the KL estimate assumes).
+        seed: both draw from it, so identical policies give identical responses (a win rate of 0.5)."""
     sampler = _Sampler(policy, tokenizer, ref_model)
     tokenizer = sampler.tokenizer
     prompt_ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    generator = torch.Generator(device=sampler.device).manual_seed(seed)
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "generator": generator}
-    mine_samples = sampler.sample(prompt_ids, reference=False, **options)
-    their_samples = sampler.sample(prompt_ids, reference=True, **options)
+    # Both sample from the same seed (common random numbers): where the two policies agree they draw the same
+    # response, so the win rate measures where they differ, not the luck of the draw.
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    mine_samples = sampler.sample(prompt_ids, reference=False, **options,
+                                  generator=torch.Generator(device=sampler.device).manual_seed(seed))
+    their_samples = sampler.sample(prompt_ids, reference=True, **options,
+                                   generator=torch.Generator(device=sampler.device).manual_seed(seed))
     logp, ref_logp = sampler.score(mine_samples)
     ratio = (logp - ref_logp).float().cpu()
     decode = tokenizer.decode

@@ -259,3 +259,21 @@ def test_fingerprint_changes_with_any_token():
     assert fingerprint(a) == fingerprint([PreferenceExample([1, 5], [7, 2], [8, 2])])
     assert fingerprint(a) != fingerprint([PreferenceExample([1, 5, 7], [2], [8, 2])])  # same tokens, other split
     assert fingerprint(a) != fingerprint([PreferenceExample([1, 5], [7, 2], [9, 2])])
+
+
+def test_pairs_that_tokenize_identically_are_dropped_and_counted(tokenizer):
+    """Two different texts the tokenizer maps alike (unknown characters become <unk>) give DPO no gradient."""
+    rows = [{"prompt": "fruit:", "chosen": " ☃", "rejected": " ☂"},
+            {"prompt": "fruit:", "chosen": " apple", "rejected": " cat"}]
+    examples, report = tokenize_preferences(rows, tokenizer, max_length=64)
+    assert len(examples) == report.kept == 1
+    assert report.dropped["chosen and rejected tokenize identically"] == 1
+    assert "1 (chosen and rejected tokenize identically)" in str(report)
+
+
+def test_a_prompt_cut_alone_is_not_counted_as_a_truncated_completion(tokenizer):
+    rows = [{"prompt": "fruit animal color tool fruit animal color tool:", "chosen": " apple", "rejected": " cat"}]
+    (example,), report = tokenize_preferences(rows, tokenizer, max_length=64, max_prompt_length=3)
+    assert report.prompts_truncated == 1 and report.truncated == 0 and report.completions_cut == 0
+    assert "truncated to max_length" not in str(report) and "prompts cut to max_prompt_length" in str(report)
+    assert example.prompt_ids[0] == tokenizer.bos_token_id and len(example.prompt_ids) == 3

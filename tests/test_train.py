@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -207,6 +208,42 @@ def test_trainer_reports_dropped_rows(reference, capsys):
     trainer = Trainer(copy.deepcopy(model), tokenizer, rows, _config(method="dpo"), ref_model=model)
     assert "kept 1 of 2 pairs; dropped 1 (chosen identical to rejected)" in capsys.readouterr().out
     assert trainer.report.dropped["chosen identical to rejected"] == 1
+
+
+def test_report_to_writes_tensorboard_events_and_json_lines(reference, pairs, tmp_path):
+    """Every logged metric at every step, and the config as hyper-parameters, read back from the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tokenizer = reference
+    config = _config(method="rpo", max_steps=3, report_to=("tensorboard", "jsonl"), log_dir=str(tmp_path / "log"))
+    history = Trainer(copy.deepcopy(model), tokenizer, pairs, config).train()
+    events = EventAccumulator(str(tmp_path / "log"))
+    events.Reload()
+    logged = set(events.Tags()["scalars"])
+    numbers = {key for row in history for key, value in row.items() if key != "step" and isinstance(value, float)}
+    assert numbers <= logged and "loss" in logged and "rewards/margins" in logged
+    for key in ("loss", "logps/chosen"):
+        steps, values = history.series(key)
+        read = events.Scalars(key)
+        assert [e.step for e in read] == list(steps)
+        assert [e.value for e in read] == pytest.approx(list(values), rel=1e-6)
+    assert "_hparams_/experiment" in events.summary_metadata  # the config, in the HParams tab
+    lines = [json.loads(line) for line in (tmp_path / "log" / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["config"]["method"] == "rpo" and [row["step"] for row in lines[1:]] == [1, 2, 3]
+    assert lines[-1]["loss"] == pytest.approx(history.last("loss"))
+
+
+def test_evaluating_a_frozen_adapter_needs_no_trainable_parameters(reference, pairs):
+    from rpo_lib.chat_task import gold_score
+    from rpo_lib.evaluation import compare_to_reference
+    from rpo_lib.models import with_lora
+
+    model, tokenizer = reference
+    frozen = with_lora(copy.deepcopy(model), r=2).requires_grad_(False)
+    prompts = [row["prompt"] for row in pairs[:4]]
+    comparison = compare_to_reference(frozen, prompts, gold_score, tokenizer=tokenizer, max_new_tokens=8)
+    assert comparison.kl == pytest.approx(0.0, abs=1e-5)  # a new adapter is the identity: pi == pi_ref
+    assert comparison.policy_texts == comparison.reference_texts and comparison.win_rate == 0.5
 
 
 def test_no_trainable_parameters_is_an_error(reference, pairs):
