@@ -1,4 +1,4 @@
-"""The benchmarks' smoke modes (qlora_rpo_7b.py, launch_throughput.py): the same code as on a GPU, tiny shapes,
+"""The benchmarks' smoke modes (qlora_rpo_7b.py, launch_throughput.py, real_model_cpu.py, gpu_check): the same code as
 and no timing asserted."""
 
 import importlib.util
@@ -77,3 +77,17 @@ def test_the_gpu_check_smoke_mode_runs_every_part_through_its_shell_command(tmp_
                                                                  "tokens/s against TRL, variable lengths"]
     assert len(figures["targets"]) == 6
     assert "SMOKE RUN" in (out / "gpu_check.md").read_text()
+
+
+def test_real_model_cpu_benchmark_smoke_mode_runs_every_side(tmp_path):
+    """SmolLM2 on a CPU: rpo_lib padded and padding-free, TRL with and without a precomputed reference, each in its
+    own process, on the same rows."""
+    result = _smoke_run("real_model_cpu", tmp_path)
+    assert result["smoke"] is True and result["date"] and result["cpu"]
+    names = [run["run"] for run in result["runs"]]
+    assert names == ["rpo_lib padded", "rpo_lib padding-free", "rpo_lib padding-free, precomputed ref",
+                     "TRL DPOTrainer", "TRL DPOTrainer, precomputed ref"]
+    assert len({run["real_tokens"] for run in result["runs"]}) == 1  # the same rows on every side
+    for run in result["runs"]:
+        assert run["steps"] == 2 and run["seconds"] > 0 and run["peak_rss_gib"] > 0
+        assert math.isfinite(run["speed_vs_trl"]) and math.isfinite(run["memory_vs_trl"])
