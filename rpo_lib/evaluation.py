@@ -123,11 +123,12 @@ class _Sampler:
     ``Trainer`` has them; a bare model (a loaded adapter with nothing trainable) gets them here."""
 
     def __init__(self, policy: Any, tokenizer: Any, ref_model: Any) -> None:
-        self.trainer = policy if hasattr(policy, "batch_loss") else None
-        self.model = policy if self.trainer is None else None
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
-        if self.tokenizer is None:
+        self.trainer: Any = policy if hasattr(policy, "batch_loss") else None
+        self.model: Any = policy
+        tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
+        if tokenizer is None:
             raise ValueError("compare_to_reference needs the tokenizer: pass tokenizer=... with a model.")
+        self.tokenizer: Any = tokenizer
         self.ref_model = ref_model
         self.device = self.trainer.device if self.trainer is not None else next(policy.parameters()).device
 
