@@ -175,3 +175,29 @@ def test_gold_score_prefers_finished_and_brief_replies():
     assert gold_score("The capital of France is Paris.", True) > gold_score("Paris", False)
     pairs = load_chat_pairs()
     assert len(pairs) >= 40 and all(row["gold_chosen"] > row["gold_rejected"] for row in pairs)
+
+
+def test_the_readme_cpu_launch_trains_smollm2_on_two_processes_and_logs_once(tmp_path):
+    """The README's CPU command (`--model smollm2`, the default cpu_chat preset) on 2 gloo processes: it trains,
+    and only rank 0 writes the TensorBoard and JSON-lines logs."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rpo_lib.chat_task import CHAT_PAIRS_DIR
+    from rpo_lib.launch import main
+
+    out = tmp_path / "cpu-chat"
+    code = main(["--model", "smollm2", "--data", str(CHAT_PAIRS_DIR / "smollm2_brevity.jsonl"), "--num-processes",
+                 "2", "--output-dir", str(out), "--set", "max_steps=2", "--set", "batch_size=4",
+                 "--set", "report_to=['tensorboard', 'jsonl']", "--timeout", "600"])
+    assert code == 0
+    logs = Path(out) / "checkpoints" / "logs"
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    lines = [json.loads(line) for line in (logs / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["config"]["method"] == "rpo" and [row["step"] for row in lines[1:]] == [1, 2]
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    history = json.loads((Path(out) / "history.json").read_text())
+    assert [row["loss"] for row in history] == pytest.approx([row["loss"] for row in lines[1:]], rel=1e-6)
