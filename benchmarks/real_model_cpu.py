@@ -5,13 +5,14 @@
 
 The model is SmolLM2-135M-Instruct (``rpo_lib.models.smollm2``: offline from PyPI's GGUF, or the Hub's copy) in
 float32 with a LoRA adapter (r=16, every linear layer), trained with RPO (DPO's sigmoid loss plus TRL's token-mean
-SFT term, weight 1: TRL's ``loss_type=["sigmoid", "sft"]``). The rows are a variable-length chat mix, interleaved:
-short pairs of SmolLM2's own replies (``data/chat_pairs``) and longer UltraFeedback-schema conversations
-(``data/samples``). Each side trains one epoch over the same rows (``steps x pairs``), after a one-step warm-up.
+SFT term, weight 1: TRL's ``loss_type=["sigmoid", "sft"]``). The rows are a variable-length chat mix: single-turn
+pairs of SmolLM2's own replies (``data/chat_pairs``) and multi-turn chats made of them (``chat_mix``). Each side
+trains one epoch over the same rows (``steps x pairs``), after a one-step warm-up.
 
 Each run is its own process, so that its peak resident memory (``ru_maxrss``) is its own. Figures: real tokens per
 second (prompt and completion tokens of every row, no padding), seconds per step, peak RSS, and the ratios to TRL
-without a precomputed reference. Writes ``real_model_cpu.json`` beside this script (``--out`` elsewhere).
+without a precomputed reference. Writes ``real_model_cpu.json`` beside this script (``--out`` elsewhere);
+``--table`` writes that file's figures as the README's table (between its ``real_model_cpu table`` markers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -42,15 +44,23 @@ BASELINE = "TRL DPOTrainer"
 MAX_LENGTH = 512
 
 
-def chat_mix(n_pairs: int) -> list[dict]:
-    """``n_pairs`` conversational pairs: three short SmolLM2 pairs, then a long UltraFeedback-schema one, and so on."""
+def chat_mix(n_pairs: int, seed: int = 0) -> list[dict]:
+    """``n_pairs`` conversational pairs of SmolLM2's own replies (``data/chat_pairs``): three single-turn pairs (50 to
+    100 tokens), then one whose prompt carries 2 to 7 earlier exchanges of other pairs before the same question (a
+    multi-turn chat of 200 to 500 tokens), and so on. Seeded: the same rows on every side and every machine."""
     from rpo_lib.chat_task import load_chat_pairs
-    from rpo_lib.data import load_preferences, sample_file
 
-    short = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_chat_pairs()]
-    long = [dict(r) for r in load_preferences(sample_file("ultrafeedback"))]
-    short_rows, long_rows = iter(short), iter(long * n_pairs)
-    return [next(long_rows) if i % 4 == 3 else next(short_rows) for i in range(n_pairs)]
+    rng = random.Random(seed)
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_chat_pairs()]
+    rows = []
+    for i in range(n_pairs):
+        row = pairs[i % len(pairs)]
+        if i % 4 == 3:
+            history = [message for j in rng.sample(range(len(pairs)), rng.randint(2, 7))
+                       for message in pairs[j]["prompt"] + pairs[j]["chosen"]]
+            row = {**row, "prompt": history + row["prompt"]}
+        rows.append(row)
+    return rows
 
 
 def _lora():
@@ -128,8 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2 steps of 2 pairs (a test of the code, not a timing)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("real_model_cpu.json")))
+    parser.add_argument("--table", action="store_true", help="write the JSON's figures into README.md and stop")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one run, written to --out
     args = parser.parse_args(argv)
+    if args.table:
+        readme = ROOT / "README.md"
+        readme.write_text(with_table(readme.read_text(), json.loads(Path(args.out).read_text())))
+        return {}
     pairs, steps = (2, 2) if args.smoke else (4, 6)
     rows = chat_mix(pairs * steps)
     if args.one:
@@ -169,6 +184,27 @@ def main(argv: list[str] | None = None) -> dict:
               f"{run['seconds_per_step']:6.1f} s/step  peak RSS {run['peak_rss_gib']:.2f} GiB "
               f"({run['memory_vs_trl']:.2f}x)")
     return result
+
+
+START, END = "<!-- real_model_cpu table -->", "<!-- end real_model_cpu table -->"
+
+
+def table(result: dict) -> str:
+    """The benchmark's figures as a markdown table, with the machine and date they were measured on."""
+    lines = [f"Measured {result['date']} on {result['cpu']} ({result['cpu_threads']} threads), "
+             f"torch {result['torch']}, transformers {result['transformers']}, TRL {result['trl']}; SmolLM2 from "
+             f"{result['model_source']}.", "",
+             "| run | real tokens/s | vs TRL | s/step | peak RSS (GiB) | vs TRL |", "|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        lines.append(f"| {run['run']} | {run['tokens_per_s']:.1f} | {run['speed_vs_trl']:.2f}x | "
+                     f"{run['seconds_per_step']:.1f} | {run['peak_rss_gib']:.2f} | {run['memory_vs_trl']:.2f}x |")
+    return "\n".join(lines)
+
+
+def with_table(readme: str, result: dict) -> str:
+    """``readme`` with the text between the table markers replaced by ``table(result)``."""
+    start, end = readme.index(START) + len(START), readme.index(END)
+    return readme[:start] + "\n" + table(result) + "\n" + readme[end:]
 
 
 def _cpu_name() -> str:

@@ -271,7 +271,8 @@ PRESETS: dict[str, TrainConfig] = {
     # A small real chat model (SmolLM2-135M-Instruct, rpo_lib.models.smollm2) with a LoRA adapter on a laptop CPU
     # (notebook 08's CPU mode; the launcher's default). max_length 512 / prompts 256 hold typical chat turns whole
     # (a cut completion loses its end of turn: the trainer warns above max_cut_share); padding-free batches spend no
-    # time on padding, which on a CPU is time. A step of 8 pairs of ~100 tokens takes ~5 s on 2 cores.
+    # time on padding, which on a CPU is time. benchmarks/real_model_cpu.json: about 5 s per step of 4 chat pairs
+    # on 2 cores.
     "cpu_chat": TrainConfig(method="rpo", beta=0.1, learning_rate=2e-4, batch_size=8, micro_batch_size=4,
                             max_length=512, max_prompt_length=256, warmup_steps=5, lr_schedule="cosine",
                             max_steps=100, padding_free=True, lam=2e-4, k_online=2, online_max_new_tokens=96),

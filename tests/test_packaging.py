@@ -244,3 +244,23 @@ def test_nothing_points_outside_the_repository_for_the_math():
     sources = [*ROOT.glob("rpo_lib/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "README.md"]
     outside = [str(p.relative_to(ROOT)) for p in sources if "../shared" in p.read_text()]
     assert not outside
+
+
+def test_loading_with_an_adapter_prints_no_library_noise(caplog):
+    """peft's read of the deprecated is_gradient_checkpointing (a FutureWarning on every load) and bitsandbytes'
+    "kernels" message (the fused CPU inference kernel rpo_lib turns off anyway) are silenced where rpo_lib causes
+    them."""
+    import logging
+    import warnings
+
+    from rpo_lib.models import tiny_causal_lm, with_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with_lora(tiny_causal_lm(), r=2)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with caplog.at_level(logging.WARNING):
+        logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no module")
+        logger.warning("another bitsandbytes message")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes message"]
