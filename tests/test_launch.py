@@ -426,8 +426,8 @@ def test_the_command_line_runs_a_launch(tiny_model, tmp_path):
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "rpo_lib.launch", "--model", tiny_model, "--data", str(DATA), "--output-dir",
             str(out), "--num-processes", "2", "--strategy", "fsdp", "--lora-r", "4", "--lora-alpha", "8",
-            "--preset", "tiny", "--set", "method=rpo", "--set", "max_steps=2", "--set", "batch_size=4", "--set", "max_length=96",
-            "--set", "progress=False", "--timeout", "300"]
+            "--preset", "tiny", "--set", "method=rpo", "--set", "max_steps=2", "--set", "batch_size=4",
+            "--set", "max_length=96", "--set", "progress=False", "--timeout", "300"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 steps on 2 process(es)" in done.stdout
