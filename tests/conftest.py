@@ -37,3 +37,29 @@ def _plain_summed_logps(model, rows):
 @pytest.fixture
 def plain_summed_logps():
     return _plain_summed_logps
+
+
+def _trl_loss_and_grads(policy, reference, tokenizer, rows, output_dir, *, loss_type, loss_weights=None, beta=0.1,
+                        max_length):
+    """TRL 1.16 DPOTrainer's loss on ``rows`` as one batch, and the gradient it leaves on each of ``policy``'s
+    parameters. Give fresh models: DPOTrainer sets an instance-level ``forward`` on the models it is given
+    (trl.trainer.utils.add_fused_lm_head), and a deep copy of such a model would keep calling it."""
+    trl = pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[dev]'")
+    from datasets import Dataset
+
+    args = trl.DPOConfig(output_dir=str(output_dir), loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+                         per_device_train_batch_size=len(rows), bf16=False, use_cpu=True, report_to=[],
+                         max_length=max_length, save_strategy="no")
+    theirs = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=tokenizer)
+    batch = next(iter(theirs.get_train_dataloader()))
+    theirs.model.train()
+    policy.zero_grad()
+    loss = theirs.compute_loss(theirs.model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in policy.parameters()]
+
+
+@pytest.fixture
+def trl_loss_and_grads():
+    return _trl_loss_and_grads

@@ -61,12 +61,9 @@ def test_tokens_equal_trl_on_the_chat_pairs(smol, tmp_path):
         assert mine.chosen_ids[-2:] == end_of_turn  # the template ends the turn
 
 
-def test_dpo_starts_at_log_2_and_one_rpo_step_equals_trl(smol, tmp_path):
+def test_dpo_starts_at_log_2_and_one_rpo_step_equals_trl(smol, tmp_path, trl_loss_and_grads):
     """DPO's first loss is log 2 (the policy is its reference); one RPO step (TRL's loss_type=["sigmoid", "sft"],
     token-mean SFT) gives TRL's loss and gradients within 1e-5 relative."""
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
     model, tokenizer = smol
     rows = _rows(4)
     first, _ = Trainer(copy.deepcopy(model), tokenizer, rows, TrainConfig(method="dpo", batch_size=4,
@@ -80,17 +77,9 @@ def test_dpo_starts_at_log_2_and_one_rpo_step_equals_trl(smol, tmp_path):
         generator = torch.Generator().manual_seed(0)
         for p in policy.parameters():
             p.add_(1e-3 * torch.randn(p.shape, generator=generator))
-    args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7],
-                         beta=0.1, per_device_train_batch_size=4, bf16=False, use_cpu=True, report_to=[],
-                         max_length=512, save_strategy="no")
-    theirs = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer)
-    batch = next(iter(theirs.get_train_dataloader()))
-    theirs.model.train()
-    policy.zero_grad()
-    their_loss = theirs.compute_loss(theirs.model, batch)
-    their_loss.backward()
-    their_grads = [p.grad.clone() for p in policy.parameters()]
+    their_loss, their_grads = trl_loss_and_grads(policy, reference, tokenizer, rows, tmp_path,
+                                                 loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7],
+                                                 max_length=512)
 
     ours = Trainer(policy, tokenizer, rows, TrainConfig(method="rpo", beta=0.1, sft_weight=0.7, rpo_variant="trl",
                                                         batch_size=4, max_length=512, progress=False),

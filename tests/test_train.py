@@ -256,27 +256,14 @@ def test_no_trainable_parameters_is_an_error(reference, pairs):
 @pytest.mark.parametrize("loss_type, weights, method", [(["sigmoid"], None, "dpo"),
                                                         (["sigmoid", "sft"], [1.0, 0.7], "rpo"),
                                                         (["ipo"], None, "ipo")])
-def test_matches_trl_dpo_trainer(pairs, tmp_path, loss_type, weights, method):
+def test_matches_trl_dpo_trainer(pairs, tmp_path, loss_type, weights, method, trl_loss_and_grads):
     """TRL 1.16's DPOTrainer on the same tiny model and batch: the same loss and gradients within 1e-5."""
-    trl = pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[dev]'")
-    from datasets import Dataset
-
-    # Fresh models, not the shared fixture: DPOTrainer sets an instance-level `forward` on the models it is
-    # given (trl.trainer.utils.add_fused_lm_head), and a deep copy of such a model would keep calling it.
+    # Fresh models, not the shared fixture (see trl_loss_and_grads in conftest.py).
     model, tokenizer = load_reference()
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs[:6]]
     policy = _perturbed(model)
-    args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, loss_weights=weights, beta=0.1,
-                         per_device_train_batch_size=6, bf16=False, use_cpu=True, report_to=[], max_length=64,
-                         save_strategy="no")
-    theirs = trl.DPOTrainer(model=policy, ref_model=model, args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer)
-    batch = next(iter(theirs.get_train_dataloader()))
-    theirs.model.train()
-    policy.zero_grad()
-    their_loss = theirs.compute_loss(theirs.model, batch)
-    their_loss.backward()
-    their_grads = [p.grad.clone() for p in policy.parameters()]
+    their_loss, their_grads = trl_loss_and_grads(policy, model, tokenizer, rows, tmp_path, loss_type=loss_type,
+                                                 loss_weights=weights, max_length=64)
 
     ours = Trainer(policy, tokenizer, rows, _config(method=method, beta=0.1, sft_weight=0.7, rpo_variant="trl"),
                    ref_model=model)
