@@ -277,3 +277,19 @@ def test_a_prompt_cut_alone_is_not_counted_as_a_truncated_completion(tokenizer):
     assert report.prompts_truncated == 1 and report.truncated == 0 and report.completions_cut == 0
     assert "truncated to max_length" not in str(report) and "prompts cut to max_prompt_length" in str(report)
     assert example.prompt_ids[0] == tokenizer.bos_token_id and len(example.prompt_ids) == 3
+
+
+def test_a_long_chat_prompt_keeps_the_templates_bos_and_whole_turns(chat_tokenizer):
+    """Under a template that writes its own BOS (Llama-2/Zephyr style), a chat prompt over max_prompt_length loses
+    its oldest turns, and what is kept is rendered again: one BOS first, every turn whole with its role."""
+    turns = (_user("fruit animal color tool fruit animal") + _assistant("apple dog red saw")
+             + _user("fruit color"))
+    row = {"prompt": turns, "chosen": _assistant("pear"), "rejected": _assistant("cat")}
+    (full,), _ = tokenize_preferences([row], chat_tokenizer, max_length=128)
+    (example,), report = tokenize_preferences([row], chat_tokenizer, max_length=128, max_prompt_length=20)
+    assert report.prompts_truncated == 1 and report.truncated == 0
+    assert len(example.prompt_ids) <= 20 < len(full.prompt_ids)
+    (alone,), _ = tokenize_preferences([{**row, "prompt": _user("fruit color")}], chat_tokenizer, max_length=128)
+    assert example == alone  # exactly the last turn, rendered as if it were the whole conversation
+    assert example.prompt_ids[0] == chat_tokenizer.bos_token_id and example.prompt_ids.count(
+        chat_tokenizer.bos_token_id) == 1
