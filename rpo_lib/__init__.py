@@ -23,7 +23,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
 - ``rpo_lib.plotting``  the workbook's plot style.
-- ``rpo_lib.papers``    the two papers' headline numbers (citations), printed beside the workbook's own.
+- ``rpo_lib.papers``    the two papers' results tables, whole (citations), and what each method did not win.
 
 Submodules are imported on first use, so ``import rpo_lib`` stays fast and does not import transformers.
 """

@@ -1,49 +1,236 @@
-"""The two papers' headline numbers, as they report them, to print beside what the workbook measures.
+"""What the two papers report, whole, as citations to print beside what the workbook measures.
 
-These are citations, not results of this project: each entry names its table or figure. The workbook cannot rerun
-them (7B models, GPT-4 judges, hours of GPU time); notebooks 05 and 06 print them next to the numbers their own
-worlds produce and say what differs (docs/math.md section 12).
+Every number here is copied from a paper's table, and each entry names that table. The workbook cannot rerun them
+(7B models, GPT-4 judges, hours of GPU time); notebooks 05 and 06 print them next to the numbers their own worlds
+produce and say what differs (docs/math.md section 12). They are kept *whole*: every row of every results table,
+including the rows where a method did not win (``not_won``), because a learner must see those too.
+
+Sources (arXiv HTML of each paper):
+- **Liu et al. 2024** (RPO), section 6 and appendix D.3. Table 1: GPT-4 pairwise win rates on 150 test prompts of
+  the training data (in distribution); Table 2: MT-Bench scores and AlpacaEval 2.0 (LC) win rates against GPT-4;
+  Tables 4-6: pairwise win rates on MT-Bench (beta series) and on AlpacaEval 2.0 (gemma series). MT-Bench is
+  scored 1-10 by GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers. The beta series
+  starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from zephyr-7b-gemma-sft-v0.1
+  and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired here, and said: in Table 4 the
+  DPO row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100
+  everywhere else), and Tables 5 and 6 label their rows "(beta)" under a caption and a text that say gemma. Pairwise
+  tables are stored as printed, row model against column model. One printed pair does not sum to 100 and is kept
+  as printed: Table 6, Ref. vs DPO 36.44 and DPO vs Ref. 64.56.
+- **Song et al. 2024** (HyPO), section 5.1. Table 1: TL;DR summarisation with Pythia 1.4B and 2.8B (GPT-4 win rate
+  on 600 validation prompts, reward-model score, reverse KL to pi_ref; the paper prints a spread in parentheses);
+  Table 2: MT-Bench and AlpacaEval 2.0 for Llama-3-8B-Instruct fine-tuned on UltraFeedback (last 4 layers trained);
+  Table 3: the Open LLM leaderboard tasks for the same models. Fig. 1 (validation KL over 5 epochs of TL;DR,
+  Pythia 2.8B) is a plot without printed numbers, so it has no entry here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
-__all__ = ["HEADLINE_RESULTS", "HeadlineResult", "headline_table"]
+__all__ = ["REPORTED", "Contest", "Reported", "contests", "evidence_table", "not_won", "reported"]
+
+LIU, SONG = "Liu et al. 2024", "Song et al. 2024"
+_BETA = "beta series: mistral-7b-sft-beta on UltraFeedback"
+_GEMMA = "gemma series: zephyr-7b-gemma-sft on DPO-Mix-7K"
+_LLAMA = "Llama-3-8B-Instruct on UltraFeedback"
 
 
 @dataclass(frozen=True)
-class HeadlineResult:
-    """One reported comparison: ``baseline`` (DPO) against ``method`` on ``metric``, in ``setting``."""
+class Reported:
+    """One number a paper prints.
+
+    Attributes:
+        paper: ``"Liu et al. 2024"`` or ``"Song et al. 2024"``.
+        source: the table it is printed in, e.g. ``"Table 2"``.
+        setting: model and data.
+        metric: what is measured, with the judge and its unit.
+        model: the model the number belongs to (``"RPO"``, ``"DPO"``, ``"Ref."`` = the starting model, ...).
+        value: the number as printed.
+        versus: for a pairwise win rate, the opponent (``value`` is ``model``'s win rate against it); else None.
+        spread: the number the paper prints in parentheses beside ``value``, if any.
+        higher_is_better: False for a KL.
+    """
 
     paper: str
+    source: str
     setting: str
     metric: str
-    baseline: float
-    method: str
+    model: str
     value: float
+    versus: str | None = None
+    spread: float | None = None
     higher_is_better: bool = True
 
 
-HEADLINE_RESULTS: tuple[HeadlineResult, ...] = (
-    HeadlineResult("Liu et al. 2024", "zephyr-7b-beta, UltraFeedback", "MT-Bench pairwise win rate vs DPO (GPT-4), %",
-                   42.2, "RPO", 57.8),
-    HeadlineResult("Liu et al. 2024", "zephyr-7b-beta, UltraFeedback", "AlpacaEval 2.0 pairwise win rate, %",
-                   47.0, "RPO", 52.0),
-    HeadlineResult("Song et al. 2024", "TL;DR, Pythia 2.8B", "GPT-4 win rate, %", 44.4, "HyPO", 50.5),
-    HeadlineResult("Song et al. 2024", "TL;DR, Pythia 2.8B", "reverse KL to pi_ref", 69.0, "HyPO", 49.0,
-                   higher_is_better=False),
-    HeadlineResult("Song et al. 2024", "Llama-3-8B-Instruct, UltraFeedback", "AlpacaEval 2.0 LC win rate, %",
-                   28.4, "HyPO", 30.7),
+def _scores(paper: str, source: str, setting: str, metrics: tuple[str, ...], rows: dict[str, tuple[float, ...]],
+            spreads: dict[str, tuple[float, ...]] | None = None,
+            lower_is_better: tuple[str, ...] = ()) -> list[Reported]:
+    """A table of per-model scores: ``rows[model]`` lists one value per metric."""
+    return [Reported(paper, source, setting, metric, model, value,
+                     spread=None if spreads is None else spreads[model][i],
+                     higher_is_better=metric not in lower_is_better)
+            for model, values in rows.items() for i, (metric, value) in enumerate(zip(metrics, values, strict=True))]
+
+
+def _pairwise(paper: str, source: str, setting: str, metric: str,
+              printed: dict[tuple[str, str], float]) -> list[Reported]:
+    """A pairwise win-rate table: ``printed[(row, column)]`` is the row model's win rate against the column model."""
+    return [Reported(paper, source, setting, metric, row, value, versus=column)
+            for (row, column), value in printed.items()]
+
+
+def _matrix(models: tuple[str, str, str], rows: tuple[tuple[float, float], ...]) -> dict[tuple[str, str], float]:
+    """The off-diagonal cells of a 3x3 pairwise table, row by row (the diagonal's 50 left out)."""
+    return {(row, column): value for row, values in zip(models, rows, strict=True)
+            for column, value in zip([m for m in models if m != row], values, strict=True)}
+
+
+_THREE = ("RPO", "Ref.", "DPO")
+
+_MT_ALPACA = ("MT-Bench (1-10)", "AlpacaEval LC win %", "AlpacaEval win %")
+_WIN_GPT4 = "GPT-4 pairwise win rate, % (150 test prompts of the training data)"
+_SONG_T1 = ("GPT-4 win rate %", "RM score", "KL(pi || pi_ref)")
+_SONG_T2 = ("MT-Bench 1st turn", "MT-Bench 2nd turn", "MT-Bench average", "AlpacaEval LC win %",
+            "AlpacaEval win %")
+_SONG_T3 = ("MMLU (5-shot)", "GSM8K (5-shot)", "Arc (25-shot)", "TruthfulQA (0-shot)", "HellaSwag (10-shot)",
+            "Open LLM average")
+
+REPORTED: tuple[Reported, ...] = tuple(
+    _pairwise(LIU, "Table 1", _BETA, _WIN_GPT4, _matrix(_THREE, ((79.0, 56.0), (21.0, 22.7), (44.0, 77.3))))
+    + _pairwise(LIU, "Table 1", _GEMMA, _WIN_GPT4, _matrix(_THREE, ((71.7, 54.0), (28.3, 32.7), (46.0, 67.3))))
+    + _scores(LIU, "Table 2", _BETA, _MT_ALPACA, {
+        "RPO": (7.381, 23.28, 21.01), "Ref.": (5.088, 7.19, 4.69), "DPO": (7.278, 21.15, 17.27),
+        "zephyr-7b-beta (released)": (7.200, 13.20, 10.99)})
+    + _scores(LIU, "Table 2", _GEMMA, _MT_ALPACA, {
+        "RPO": (7.916, 15.51, 13.85), "Ref.": (7.266, 8.35, 4.61), "DPO": (7.688, 15.36, 13.69),
+        "zephyr-7b-gemma (released)": (7.719, 14.78, 12.14)})
+    + _pairwise(LIU, "Table 4", _BETA, "MT-Bench pairwise win rate (GPT-4), %",
+                _matrix(_THREE, ((83.75, 57.81), (16.25, 21.25), (42.19, 78.75))))  # DPO row repaired
+    + _pairwise(LIU, "Table 5", _GEMMA, "AlpacaEval 2.0 pairwise win rate (GPT-4), %",
+                _matrix(_THREE, ((80.13, 52.02), (19.87, 20.61), (47.98, 79.39))))
+    + _pairwise(LIU, "Table 6", _GEMMA, "AlpacaEval 2.0 pairwise LC win rate (GPT-4), %",
+                _matrix(_THREE, ((64.93, 51.33), (35.07, 36.44), (48.67, 64.56))))
+    + _scores(SONG, "Table 1", "TL;DR, Pythia 1.4B", _SONG_T1,
+              {"DPO": (42.17, 0.16, 44.90), "HyPO": (46.44, 0.37, 27.07)},
+              spreads={"DPO": (2.5, 0.05, 1.29), "HyPO": (2.39, 0.05, 2.34)}, lower_is_better=_SONG_T1[2:])
+    + _scores(SONG, "Table 1", "TL;DR, Pythia 2.8B", _SONG_T1,
+              {"DPO": (44.39, 2.43, 68.95), "HyPO": (50.50, 2.51, 48.98)},
+              spreads={"DPO": (0.4, 0.10, 3.08), "HyPO": (1.89, 0.13, 4.23)}, lower_is_better=_SONG_T1[2:])
+    + _scores(SONG, "Table 2", _LLAMA, _SONG_T2, {
+        "Ref.": (8.31, 7.89, 8.10, 26.0, 25.3), "DPO": (8.08, 7.41, 7.75, 28.4, 30.9),
+        "HyPO": (8.43, 7.75, 8.09, 30.7, 32.2)})
+    + _scores(SONG, "Table 3", _LLAMA, _SONG_T3, {
+        "Ref.": (65.68, 74.91, 62.12, 43.88, 78.76, 65.07), "DPO": (65.82, 73.62, 63.14, 45.02, 79.1, 65.34),
+        "HyPO": (65.74, 73.84, 62.71, 45.55, 79.74, 65.51)})
 )
 
 
-def headline_table(paper: str | None = None) -> str:
-    """The headline results (of one paper, if named: ``"Liu"`` or ``"Song"``) as an aligned text table."""
-    rows = [r for r in HEADLINE_RESULTS if paper is None or r.paper.startswith(paper)]
+def _paper(paper: str | None) -> str | None:
+    if paper is None:
+        return None
+    for name in (LIU, SONG):
+        if name.startswith(paper):
+            return name
+    raise ValueError(f"no results for paper {paper!r}; use 'Liu', 'Song' or None.")
+
+
+def reported(paper: str | None = None, source: str | None = None) -> tuple[Reported, ...]:
+    """The entries of one paper (``"Liu"`` or ``"Song"``; all if None), of one table if ``source`` is given."""
+    name = _paper(paper)
+    rows = tuple(r for r in REPORTED if (name is None or r.paper == name) and (source is None or r.source == source))
     if not rows:
-        raise ValueError(f"no results for paper {paper!r}; use 'Liu', 'Song' or None.")
-    lines = [f"{'paper':17s} {'setting':36s} {'metric':48s} {'DPO':>6s} {'method':>6s} {'value':>6s}"]
-    lines += [f"{r.paper:17s} {r.setting:36s} {r.metric:48s} {r.baseline:6.1f} {r.method:>6s} {r.value:6.1f}"
-              for r in rows]
+        raise ValueError(f"{paper} has no {source!r}; its tables are "
+                         f"{sorted({r.source for r in REPORTED if r.paper == name})}.")
+    return rows
+
+
+@dataclass(frozen=True)
+class Contest:
+    """``method`` against ``opponent`` on one metric of one table: ``margin > 0`` means the method won.
+
+    For a score, ``margin`` is the method's value minus the opponent's (sign flipped for a KL); for a pairwise win
+    rate it is the method's win rate minus 50, and ``opponent_value`` the opponent's printed rate against it.
+    """
+
+    source: str
+    setting: str
+    metric: str
+    method: str
+    opponent: str
+    method_value: float
+    opponent_value: float
+    margin: float
+
+    @property
+    def won(self) -> bool:
+        return self.margin > 0
+
+
+def contests(paper: str, method: str, opponents: Iterable[str] | None = None) -> list[Contest]:
+    """Every comparison the paper's tables allow between ``method`` and each opponent (all other models if None)."""
+    rows = reported(paper)
+    out = []
+    for row in rows:
+        if row.model != method:
+            continue
+        if row.versus is not None:  # a pairwise win rate: the table itself is the contest
+            if opponents is None or row.versus in opponents:
+                reverse = [o.value for o in rows if (o.source, o.setting, o.model, o.versus) ==
+                           (row.source, row.setting, row.versus, method)]
+                out.append(Contest(row.source, row.setting, row.metric, method, row.versus, row.value,
+                                   reverse[0] if reverse else 100.0 - row.value, row.value - 50.0))
+            continue
+        for other in rows:
+            if (other.source, other.setting, other.metric) != (row.source, row.setting, row.metric) or \
+                    other.model == method or other.versus is not None:
+                continue
+            if opponents is not None and other.model not in opponents:
+                continue
+            sign = 1.0 if row.higher_is_better else -1.0
+            out.append(Contest(row.source, row.setting, row.metric, method, other.model, row.value, other.value,
+                               sign * (row.value - other.value)))
+    if not out:
+        raise ValueError(f"{method!r} appears in no table of {paper}; its models are "
+                         f"{sorted({r.model for r in rows})}.")
+    return out
+
+
+def not_won(paper: str, method: str, opponents: Iterable[str] | None = None) -> list[Contest]:
+    """The comparisons ``method`` did not win (ties included): what a fair summary of the paper must also say."""
+    return [c for c in contests(paper, method, opponents) if not c.won]
+
+
+def evidence_table(paper: str | None = None, source: str | None = None) -> str:
+    """The entries (of one paper, of one table) laid out as the papers print them, one block per table and setting.
+
+    A score table has a row per model and a column per metric; a pairwise table has the row model's win rate
+    against each column model. Spreads the paper prints in parentheses follow their value.
+    """
+    blocks: dict[tuple[str, str, str], list[Reported]] = {}
+    for r in reported(paper, source):
+        blocks.setdefault((r.paper, r.source, r.setting), []).append(r)
+    lines = []
+    for (name, table, setting), rows in blocks.items():
+        lines.append(f"{name}, {table}: {setting}")
+        metrics = list(dict.fromkeys(r.metric for r in rows))
+        models = list(dict.fromkeys(r.model for r in rows))
+        if rows[0].versus is not None:
+            lines.append(f"  {metrics[0]} (row against column)")
+            columns, cell = models, {(r.model, r.versus): r.value for r in rows}
+        else:
+            columns, cell = metrics, {(r.model, r.metric): r for r in rows}
+        lines.append("  " + " " * 26 + "".join(f"{c:>21s}" for c in columns))
+        for model in models:
+            values = []
+            for column in columns:
+                entry = cell.get((model, column))
+                if entry is None:
+                    values.append("-" if model == column else "")
+                elif isinstance(entry, Reported):
+                    spread = "" if entry.spread is None else f" ({entry.spread:g})"
+                    values.append(f"{entry.value:g}{spread}")
+                else:
+                    values.append(f"{entry:g}")
+            lines.append(f"  {model:26s}" + "".join(f"{v:>21s}" for v in values))
     return "\n".join(lines)

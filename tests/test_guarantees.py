@@ -143,12 +143,46 @@ def test_hypo_curbs_kl_growth_over_epochs_song_fig_1():
     assert np.all(out["hypo_gold"][:, -1] > out["dpo_gold"][:, -1])
 
 
-def test_papers_table_lists_each_papers_results_and_refuses_an_unknown_paper():
+def test_papers_evidence_is_whole_each_entry_names_its_table_and_pairwise_tables_are_consistent():
     from rpo_lib import papers
 
-    liu, song = papers.headline_table("Liu"), papers.headline_table("Song")
-    assert "57.8" in liu and "42.2" in liu and "Song" not in liu
-    assert "50.5" in song and "69.0" in song and "Liu" not in song
-    assert len(papers.headline_table().splitlines()) == len(papers.HEADLINE_RESULTS) + 1
+    assert {r.source for r in papers.reported("Liu")} == {"Table 1", "Table 2", "Table 4", "Table 5", "Table 6"}
+    assert {r.source for r in papers.reported("Song")} == {"Table 1", "Table 2", "Table 3"}
+    pairwise = {(r.source, r.setting, r.model, r.versus): r.value for r in papers.REPORTED if r.versus is not None}
+    off = {key[:2] + tuple(sorted(key[2:])) for key, value in pairwise.items()
+           if abs(value + pairwise[key[:2] + (key[3], key[2])] - 100) > 1e-6}
+    assert off == {("Table 6", papers._GEMMA, "DPO", "Ref.")}  # the one printed pair that sums to 101
+    song_t1 = papers.reported("Song", "Table 1")
+    assert {r.setting for r in song_t1} == {"TL;DR, Pythia 1.4B", "TL;DR, Pythia 2.8B"}
+    assert all(r.spread is not None for r in song_t1)
+    # B: 52.02 is RPO against DPO on the gemma series, and 47.0 is printed nowhere
+    gemma = [r for r in papers.reported("Liu", "Table 5") if (r.model, r.versus) == ("RPO", "DPO")]
+    assert [r.value for r in gemma] == [52.02] and "gemma" in gemma[0].setting
+    assert all(abs(r.value - 47.0) > 1e-9 for r in papers.REPORTED)
+
+
+def test_papers_not_won_shows_what_each_method_did_not_win():
+    from rpo_lib import papers
+
+    lost = {(c.source, c.metric, c.opponent): (c.method_value, c.opponent_value) for c in papers.not_won("Song", "HyPO")}
+    assert lost[("Table 2", "MT-Bench average", "Ref.")] == (8.09, 8.10)
+    assert lost[("Table 2", "MT-Bench 2nd turn", "Ref.")] == (7.75, 7.89)
+    assert ("Table 3", "GSM8K (5-shot)", "Ref.") in lost
+    assert not [c for c in papers.not_won("Song", "HyPO") if c.source == "Table 1"]  # HyPO wins all of Table 1
+    assert papers.not_won("Liu", "RPO") == []
+    smallest = min(c.margin for c in papers.contests("Liu", "RPO", ["DPO"]))
+    assert 0 < smallest < 0.2
+
+
+def test_papers_tables_refuse_an_unknown_paper_table_or_model():
+    from rpo_lib import papers
+
+    text = papers.evidence_table("Liu")
+    assert "52.02" in text and "83.75" in text and "80.13" in text and "Song" not in text
+    assert "8.09" in papers.evidence_table("Song", "Table 2")
     with pytest.raises(ValueError, match="'Liu', 'Song'"):
-        papers.headline_table("Rafailov")
+        papers.evidence_table("Rafailov")
+    with pytest.raises(ValueError, match="Table 1"):
+        papers.reported("Song", "Table 9")
+    with pytest.raises(ValueError, match="HyPO"):
+        papers.contests("Song", "PPO")
