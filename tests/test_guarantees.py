@@ -186,3 +186,54 @@ def test_papers_tables_refuse_an_unknown_paper_table_or_model():
         papers.reported("Song", "Table 9")
     with pytest.raises(ValueError, match="HyPO"):
         papers.contests("Song", "PPO")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_partial_coverage_is_the_supremum_of_its_ratio_and_infinite_when_the_base_leaves_the_data(seed):
+    world = bandit.rare_data_world(seed)
+    target = torch.zeros_like(world.gold_rewards)
+    target[0, int(world.gold_rewards.argmax())] = 1.0
+    c = guarantees.partial_coverage(world, target)
+    weights, _ = world.pair_distribution()
+
+    def ratio(delta):
+        numerator = float(((target - world.chosen_distribution)[0] * delta).sum())
+        pair_gaps = delta[:, None] - delta[None, :]
+        return numerator / float((weights[0] * pair_gaps**2).sum().sqrt())
+
+    generator = torch.Generator().manual_seed(seed)
+    sampled = max(ratio(torch.randn(world.n_responses, generator=generator, dtype=torch.float64))
+                  for _ in range(200))
+    laplacian = torch.diag(weights[0].sum(0) + weights[0].sum(1)) - weights[0] - weights[0].T
+    best = torch.linalg.pinv(laplacian) @ (target - world.chosen_distribution)[0]  # the maximising direction
+    assert 0 < sampled <= c * (1 + 1e-9) and ratio(best) == pytest.approx(c, rel=1e-6)
+    flaw = bandit.hidden_flaw_world(seed)  # pi_ref puts mass on responses no pair shows
+    covered_target = torch.zeros_like(flaw.gold_rewards)
+    covered_target[0, int(torch.nonzero(flaw.covered[0])[0])] = 1.0
+    assert math.isfinite(guarantees.partial_coverage(flaw, covered_target))
+    assert guarantees.partial_coverage(flaw, covered_target, flaw.ref_logps.exp()) == math.inf
+
+
+def test_liu_theorem_5_3_holds_is_vacuous_here_and_its_eta_makes_rpo_dpo():
+    out = guarantees.liu_guarantee_experiment([30, 300, 3000, 30000], seeds=(0, 1, 2))
+    reward_ranges = np.array([float(bandit.rare_data_world(s).gold_rewards.max() - bandit.rare_data_world(s)
+                                    .gold_rewards.min()) for s in (0, 1, 2)])
+    assert (out["gap"] <= out["bound"]).all()
+    assert (out["bound"] > 1000 * reward_ranges[:, None]).all()  # the constants: vacuous by orders of magnitude
+    assert (out["eta"] < 0.01).all() and np.isfinite(out["coverage"]).all()
+    assert -1.0 < guarantees.loglog_slope(out["n_pairs"], out["gap"].mean(0)) < -0.3
+    assert guarantees.loglog_slope([1, 10, 100], [1.0, 0.1, 0.01]) == pytest.approx(-1.0)
+
+
+def test_rpo_imitating_pi_ref_stays_nearer_pi_ref_and_keeps_less_gold_than_imitating_the_chosen():
+    out = bandit.base_policy_experiment(seeds=(0, 1, 2))
+    for world in ("hidden_flaw", "linear", "tabular"):
+        chosen, reference = out[world, "rpo, chosen"], out[world, "rpo, reference"]
+        assert (reference["reverse_kl"] < chosen["reverse_kl"]).all()
+        assert (reference["gold_reward"] < chosen["gold_reward"]).all()
+        unseen_ref = float(bandit.WORLDS[world](0).ref_logps.exp()[~bandit.WORLDS[world](0).covered].sum())
+        assert np.abs(reference["ood_mass"] - unseen_ref).max() < 0.05  # it holds the unseen mass at pi_ref's
+    assert (out["hidden_flaw", "rpo, reference"]["gold_reward"] > out["hidden_flaw", "dpo"]["gold_reward"]).all()
+    with pytest.raises(ValueError, match="'chosen' or 'reference'"):
+        world = bandit.tabular_world(0)
+        bandit.train(world, world.sample_data(10, seed=0), "rpo", bandit.BanditConfig(base="data", steps=1))

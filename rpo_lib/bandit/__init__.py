@@ -16,10 +16,12 @@ module                                 what it holds (notebook)
 ``rpo_lib.bandit.training``            ``BanditConfig``, ``train`` (DPO, IPO, RPO, HyPO, RLHF with the losses
                                        of ``rpo_lib.losses``), ``fit_reward_model``, ``fit_rpo``
 ``rpo_lib.bandit.maximin``             RPO's maximin solved both ways: ``solve_min_max``, ``solve_max_min`` (05)
-``rpo_lib.bandit.guarantees``          Song et al.'s guarantees as experiments: Theorems 4.1, 4.2 and D.1,
-                                       Remark 4.2, forward vs reverse KL, KL over epochs (Fig. 1) (04, 06)
+``rpo_lib.bandit.guarantees``          the guarantees as experiments: Song et al.'s Theorems 4.1, 4.2 and D.1,
+                                       Remark 4.2, forward vs reverse KL, KL over epochs (Fig. 1) (04, 06);
+                                       Liu et al.'s partial coverage and Theorem 5.3 with its constants (05)
 ``rpo_lib.bandit.experiments``         one-call experiments: ``experiment``, ``extrapolation_experiment``,
-                                       ``finite_sample_experiment`` (Liu et al. section 5)
+                                       ``finite_sample_experiment`` (Liu et al. section 5),
+                                       ``base_policy_experiment`` (Liu et al.'s choice of pi_base)
 ``rpo_lib.bandit.estimators``          ``kl_gradient_estimates``: HyPO's REINFORCE / RLOO estimator measured (06)
 =====================================  ===================================================================
 
@@ -29,7 +31,8 @@ KL values of ``log(1/q)`` size stay exact. Formulas: ``docs/math.md`` (this repo
 
 from rpo_lib.bandit import guarantees
 from rpo_lib.bandit.estimators import kl_gradient_estimates
-from rpo_lib.bandit.experiments import default_config, experiment, extrapolation_experiment, finite_sample_experiment
+from rpo_lib.bandit.experiments import (base_policy_experiment, default_config, experiment, extrapolation_experiment,
+                                        finite_sample_experiment)
 from rpo_lib.bandit.maximin import solve_max_min, solve_min_max
 from rpo_lib.bandit.policies import LinearPolicy, TabularPolicy, make_policy
 from rpo_lib.bandit.training import METHODS, BanditConfig, Method, fit_reward_model, fit_rpo, train
@@ -55,6 +58,7 @@ __all__ = [
     "WORLDS",
     "default_config",
     "example61_world",
+    "base_policy_experiment",
     "experiment",
     "extrapolation_experiment",
     "finite_sample_experiment",

@@ -85,3 +85,35 @@ def finite_sample_experiment(n_pairs: Iterable[int], eta_rules: dict[str, Callab
             logps = fit_rpo(world, data, eta=rule(n), beta=beta, steps=steps)
             gaps[label][i, j] = float(world.suboptimality(logps, beta))
     return {"n_pairs": np.asarray(n_pairs), **gaps}
+
+
+@one_thread
+def base_policy_experiment(worlds: Iterable[str] = ("hidden_flaw", "linear", "tabular"), *,
+                           seeds: Iterable[int] = (0, 1, 2), progress: bool = False) -> dict[tuple[str, str], dict]:
+    """Liu et al.'s choice of ``pi_base`` (Remark 5.4), varied: RPO imitating the chosen responses or ``pi_ref``'s.
+
+    For each world and seed, RPO runs with ``default_config(world, "rpo")`` and ``base`` = ``"chosen"`` or
+    ``"reference"``, DPO beside them (same data, same minibatches). Returns ``{(world, label): {"gold_reward",
+    "ood_mass", "reverse_kl", "logp_chosen_change": (S,) final values}}`` for label in ``"dpo"``,
+    ``"rpo, chosen"``, ``"rpo, reference"``.
+    """
+    seeds = list(seeds)
+    runs = [(name, label) for name in worlds for label in ("dpo", "rpo, chosen", "rpo, reference")]
+    if progress:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        runs = tqdm(runs, desc="worlds x methods", leave=False)
+    out: dict[tuple[str, str], dict] = {}
+    for name, label in runs:
+        method: Method = "dpo" if label == "dpo" else "rpo"
+        config = default_config(name, method)
+        if method == "rpo":
+            config = replace(config, base="chosen" if label.endswith("chosen") else "reference")
+        curves = [experiment(name, method, seed, config=config) for seed in seeds]
+        out[name, label] = {
+            "gold_reward": np.array([c["gold_reward"][-1] for c in curves]),
+            "ood_mass": np.array([c["ood_mass"][-1] for c in curves]),
+            "reverse_kl": np.array([c["reverse_kl"][-1] for c in curves]),
+            "logp_chosen_change": np.array([c["logp_chosen"][-1] - c["logp_chosen"][0] for c in curves]),
+        }
+    return out

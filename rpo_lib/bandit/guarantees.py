@@ -1,4 +1,4 @@
-"""Song et al.'s guarantees as experiments (docs/math.md sections 10-11): every bound computed, every gap exact.
+"""The papers' guarantees as experiments (docs/math.md sections 10-11): every bound computed, every gap exact.
 
 All bounds here come from one decomposition (Song et al. Lemma A.1; docs/math.md section 10). A policy ``pi_hat``
 that maximises ``J`` under a reward ``r_hat`` (RLHF's fitted reward, or DPO's implicit reward
@@ -16,6 +16,15 @@ where ``eps = E_{y~mu}[Delta^2]`` is the in-distribution squared error (Assumpti
 - ``global_coverage_experiment``: Theorem 4.1 with DPO trained on N pairs of a fully covered world.
 - ``kl_bounds``: what a forward KL and a reverse KL each bound (docs/math.md section 11).
 - ``epochs_experiment``: KL over epochs of finite data, DPO against HyPO (Song et al. Fig. 1).
+
+Liu et al.'s Theorem 5.3 (section 5; docs/math.md section 10) has a different shape: against any comparator ``pi``
+it bounds the *unregularised* reward gap ``Gap(pi_hat) = E_pi r* - E_pi_hat r*`` by
+``[sqrt(6) (1 + e^R)^2 (C^2 + 1) iota + 4 KL(pi || pi_ref)] / (4 sqrt(N))`` for ``beta = 1/sqrt(N)`` and its own eta.
+
+- ``partial_coverage``: the coefficient ``C(R; pi, pi_base)`` of Assumption 5.2, exactly, for tabular rewards.
+- ``liu_bound``, ``liu_eta``: the right-hand side of Theorem 5.3 and the eta it prescribes, constants included.
+- ``liu_guarantee_experiment``: Theorem 5.3's prescription trained on ``rare_data_world``, the gap beside its bound.
+- ``loglog_slope``: the fitted rate of a gap against N.
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from rpo_lib import coverage
 from rpo_lib.bandit.training import BanditConfig, fit_rpo, train
-from rpo_lib.bandit.worlds import WORLDS, BanditWorld, prop41_policy, tabular_world, three_response_world
+from rpo_lib.bandit.worlds import (WORLDS, BanditWorld, prop41_policy, rare_data_world, tabular_world,
+                                   three_response_world)
 from rpo_lib.env import one_thread
 
 __all__ = [
@@ -40,6 +51,11 @@ __all__ = [
     "hypo_worst_policy",
     "implicit_reward",
     "kl_bounds",
+    "liu_bound",
+    "liu_eta",
+    "liu_guarantee_experiment",
+    "loglog_slope",
+    "partial_coverage",
     "reward_error",
 ]
 
@@ -221,3 +237,91 @@ def epochs_experiment(*, world: str = "hidden_flaw", n_pairs: int = 256, epochs:
         out[method][i] = curves["reverse_kl"]
         out[method + "_gold"][i] = curves["gold_reward"]
     return out
+
+
+def partial_coverage(world: BanditWorld, target_probs: Tensor, base_probs: Tensor | None = None) -> float:
+    """Liu et al.'s partial coverage coefficient ``C(R; pi, pi_base)`` (Assumption 5.2) for tabular rewards, exactly.
+
+    ``C = sup_D E_x[E_pi D - E_base D] / sqrt(E_data[(D(y1) - D(y0))^2])`` over reward errors ``D = r* - r``.
+    With a table of rewards every direction of ``D`` is allowed (the ratio does not change when ``D`` is scaled, and
+    a small multiple of any direction keeps ``r`` inside the bounded class when ``r*`` is inside), so this is
+    ``coverage.partial_coverage_linear`` with one-hot features of ``(x, y)``: the norm of the policy difference in
+    the metric of the data's pair Laplacian. ``base_probs`` defaults to the chosen responses (``pi_base`` of Liu et
+    al.'s experiments). Infinite when ``pi`` departs from ``pi_base`` where no pair of the data reaches.
+    """
+    weights, _ = world.pair_distribution()  # (X, Y, Y): probability of showing (a, b) at x
+    base = world.chosen_distribution if base_probs is None else base_probs
+    blocks = [torch.diag(w.sum(0) + w.sum(1)) - w - w.T for w in weights]  # sum_ab w_ab (e_a - e_b)(e_a - e_b)'
+    laplacian = torch.block_diag(*blocks)
+    difference = (world.prompt_probs[:, None] * (target_probs.to(base.dtype) - base)).reshape(-1)
+    return coverage.partial_coverage_linear(laplacian, difference, torch.zeros_like(difference))
+
+
+def _log_covering(reward_bound: float, n_pairs: int, n_cells: int) -> float:
+    """``log N_eps`` of the tables in ``[0, R]^n_cells`` under the sup norm at Theorem 5.3's
+    ``eps = 1 / (6 (1 + e^R) N)``: a grid of spacing ``2 eps`` needs ``ceil(R / (2 eps))`` points per cell."""
+    eps = 1.0 / (6.0 * (1.0 + math.exp(reward_bound)) * n_pairs)
+    return n_cells * math.log(math.ceil(reward_bound / (2 * eps)))
+
+
+def liu_eta(n_pairs: int, *, reward_bound: float, n_cells: int, delta: float = 0.1) -> float:
+    """The eta Theorem 5.3 prescribes: ``(1 + e^R)^-2 sqrt(24 log(N_eps / delta) / N)`` (with ``beta = 1/sqrt(N)``)."""
+    log_cover = _log_covering(reward_bound, n_pairs, n_cells) + math.log(1 / delta)
+    return math.sqrt(24 * log_cover / n_pairs) / (1 + math.exp(reward_bound)) ** 2
+
+
+def liu_bound(coefficient: float, n_pairs: int, kl: float, *, reward_bound: float, n_cells: int,
+              delta: float = 0.1) -> float:
+    """The right-hand side of Liu et al.'s Theorem 5.3 (eq. 5.3), every constant kept, for tabular rewards.
+
+    ``[sqrt(6) (1 + e^R)^2 (C^2 + 1) iota + 4 KL(pi || pi_ref)] / (4 sqrt(N))`` with ``iota = sqrt(log(N_eps /
+    delta))``; it holds with probability at least ``1 - delta``. ``reward_bound`` is R of Assumption 5.1 (rewards in
+    ``[0, R]``: a reward range, since shifts are invisible), ``n_cells`` the number of (prompt, response) cells.
+    """
+    iota = math.sqrt(_log_covering(reward_bound, n_pairs, n_cells) + math.log(1 / delta))
+    return (math.sqrt(6) * (1 + math.exp(reward_bound)) ** 2 * (coefficient**2 + 1) * iota + 4 * kl) / (
+        4 * math.sqrt(n_pairs))
+
+
+def loglog_slope(n_pairs: Iterable[float], gaps: Iterable[float]) -> float:
+    """The least-squares slope of ``log gap`` against ``log N``: ``-0.5`` is the ``1/sqrt(N)`` rate."""
+    x, y = np.log(np.asarray(list(n_pairs), dtype=float)), np.log(np.asarray(list(gaps), dtype=float))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+@one_thread
+def liu_guarantee_experiment(n_pairs: Iterable[int], *, seeds: Iterable[int] = (0, 1, 2), steps: int = 400,
+                             delta: float = 0.1, progress: bool = False) -> dict[str, np.ndarray]:
+    """Liu et al.'s Theorem 5.3 on ``rare_data_world``, in the theorem's own terms.
+
+    For each seed and N: RPO with the theorem's ``beta = 1/sqrt(N)`` and ``eta = liu_eta(N)`` (``fit_rpo``, its
+    learning rate scaled by ``1/beta`` so that Adam moves the implicit reward ``beta * log(pi/pi_ref)`` at the same
+    pace for every beta), and the unregularised gap ``E_pi r* - E_pi_hat r*`` to the comparator ``pi`` = the best
+    response, beside the bound (``liu_bound``, R = the world's reward range, ``pi_base`` = the chosen responses).
+    Returns ``{"n_pairs": (K,), "gap", "bound", "eta": (S, K), "coverage", "kl": (S,)}``.
+    """
+    n_pairs, seeds = list(n_pairs), list(seeds)
+    out = {key: np.zeros((len(seeds), len(n_pairs))) for key in ("gap", "bound", "eta")}
+    out["coverage"], out["kl"] = np.zeros(len(seeds)), np.zeros(len(seeds))
+    cells = [(i, seed, j, n) for i, seed in enumerate(seeds) for j, n in enumerate(n_pairs)]
+    if progress:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        cells = tqdm(cells, desc="worlds x N", leave=False)
+    for i, seed, j, n in cells:
+        world = rare_data_world(seed)
+        rewards = world.gold_rewards[0]
+        target = torch.zeros_like(world.gold_rewards)
+        target[0, int(rewards.argmax())] = 1.0
+        reward_range = float(rewards.max() - rewards.min())
+        out["coverage"][i] = partial_coverage(world, target)
+        out["kl"][i] = float((-world.ref_logps[0, int(rewards.argmax())]))  # KL(point mass || pi_ref)
+        beta = 1 / math.sqrt(n)
+        eta = liu_eta(n, reward_bound=reward_range, n_cells=world.n_responses, delta=delta)
+        data = world.sample_data(n, seed=1000 * seed + n)
+        logps = fit_rpo(world, data, eta=eta, beta=beta, steps=steps, lr=0.05 / beta)
+        out["gap"][i, j] = float(rewards.max() - (logps.exp()[0] * rewards).sum())
+        out["bound"][i, j] = liu_bound(out["coverage"][i], n, out["kl"][i], reward_bound=reward_range,
+                                       n_cells=world.n_responses, delta=delta)
+        out["eta"][i, j] = eta
+    return {"n_pairs": np.asarray(n_pairs), **out}

@@ -33,6 +33,10 @@ class BanditConfig:
         eta: RPO's eta in Liu et al.'s convention: the loss is ``L_DPO + eta * beta * (-log pi(y+))``
             (``rpo_loss(..., eta=eta, normalization="sum")``, the reparameterised maximin); 0 is DPO. A
             response is one "token" here, so the SFT weight is ``eta * beta`` (0.1 by default).
+        base: RPO's baseline policy ``pi_base``, the responses its SFT term imitates (Liu et al. Remark 5.4):
+            ``"chosen"``, the chosen response of each pair (the paper's experiments), or ``"reference"``, a
+            response drawn from ``pi_ref`` at the pair's prompt (the initial model's responses, which Liu et al.
+            name as the other practical choice).
         lam: weight of HyPO's online reverse-KL term.
         k: online samples per prompt for HyPO (RLOO needs k >= 2).
         online_batch: prompts per step for HyPO's online term.
@@ -49,6 +53,7 @@ class BanditConfig:
     beta: float = 0.1
     tau: float = 0.1
     eta: float = 1.0
+    base: Literal["chosen", "reference"] = "chosen"
     lam: float = 0.05
     k: int = 2
     online_batch: int = 32
@@ -117,6 +122,8 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
         the whole data), ``loss`` (the training loss at that step; for RLHF minus the fitted objective).
     """
     config = config or BanditConfig()
+    if config.base not in ("chosen", "reference"):
+        raise ValueError(f"config.base must be 'chosen' or 'reference'; got {config.base!r}.")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if len(data) == 0:
@@ -146,7 +153,9 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
             out = losses.ipo_loss(*args, tau=config.tau)
         elif method == "rpo":
             ones = torch.ones(config.batch_size, 1, dtype=torch.bool)
-            out = losses.rpo_loss(*args, logps[x, chosen].unsqueeze(1), ones, beta=config.beta, eta=config.eta,
+            imitated = chosen if config.base == "chosen" else torch.multinomial(
+                ref[x].exp(), 1, generator=generator).squeeze(1)  # pi_base = pi_ref: the initial model's response
+            out = losses.rpo_loss(*args, logps[x, imitated].unsqueeze(1), ones, beta=config.beta, eta=config.eta,
                                   normalization="sum")
         else:  # hypo: online samples from the current policy, k per prompt
             prompts = torch.multinomial(world.prompt_probs, config.online_batch, replacement=True,
