@@ -9,8 +9,8 @@ Sources (arXiv HTML of each paper):
 - **Liu et al. 2024** (RPO), section 6 and appendix D.3. Table 1: GPT-4 pairwise win rates on 150 test prompts of
   the training data (in distribution); Table 2: MT-Bench scores and AlpacaEval 2.0 (LC) win rates against GPT-4;
   Tables 4-6: pairwise win rates on MT-Bench (beta series) and on AlpacaEval 2.0 (gemma series). MT-Bench is
-  scored 1-10 by GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers. The beta series
-  starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from zephyr-7b-gemma-sft-v0.1
+  scored 1-10 by GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers.
+  The beta series starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from zephyr-7b-gemma-sft-v0.1
   and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired here, and said: in Table 4 the
   DPO row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100
   everywhere else), and Tables 5 and 6 label their rows "(beta)" under a caption and a text that say gemma. Pairwise
@@ -217,7 +217,8 @@ def evidence_table(paper: str | None = None, source: str | None = None) -> str:
         models = list(dict.fromkeys(r.model for r in rows))
         if rows[0].versus is not None:
             lines.append(f"  {metrics[0]} (row against column)")
-            columns, cell = models, {(r.model, r.versus): r.value for r in rows}
+            columns = models
+            cell: dict[tuple[str, str | None], Reported | float] = {(r.model, r.versus): r.value for r in rows}
         else:
             columns, cell = metrics, {(r.model, r.metric): r for r in rows}
         lines.append("  " + " " * 26 + "".join(f"{c:>21s}" for c in columns))

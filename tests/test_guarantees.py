@@ -164,7 +164,8 @@ def test_papers_evidence_is_whole_each_entry_names_its_table_and_pairwise_tables
 def test_papers_not_won_shows_what_each_method_did_not_win():
     from rpo_lib import papers
 
-    lost = {(c.source, c.metric, c.opponent): (c.method_value, c.opponent_value) for c in papers.not_won("Song", "HyPO")}
+    lost = {(c.source, c.metric, c.opponent): (c.method_value, c.opponent_value)
+            for c in papers.not_won("Song", "HyPO")}
     assert lost[("Table 2", "MT-Bench average", "Ref.")] == (8.09, 8.10)
     assert lost[("Table 2", "MT-Bench 2nd turn", "Ref.")] == (7.75, 7.89)
     assert ("Table 3", "GSM8K (5-shot)", "Ref.") in lost

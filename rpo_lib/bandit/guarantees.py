@@ -301,7 +301,7 @@ def liu_guarantee_experiment(n_pairs: Iterable[int], *, seeds: Iterable[int] = (
     Returns ``{"n_pairs": (K,), "gap", "bound", "eta": (S, K), "coverage", "kl": (S,)}``.
     """
     n_pairs, seeds = list(n_pairs), list(seeds)
-    out = {key: np.zeros((len(seeds), len(n_pairs))) for key in ("gap", "bound", "eta")}
+    out: dict[str, np.ndarray] = {key: np.zeros((len(seeds), len(n_pairs))) for key in ("gap", "bound", "eta")}
     out["coverage"], out["kl"] = np.zeros(len(seeds)), np.zeros(len(seeds))
     cells = [(i, seed, j, n) for i, seed in enumerate(seeds) for j, n in enumerate(n_pairs)]
     if progress:
