@@ -11,8 +11,8 @@ Sources (arXiv HTML of each paper):
   Tables 4-6: pairwise win rates on MT-Bench (beta series) and on AlpacaEval 2.0 (gemma series). MT-Bench is
   scored 1-10 by GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers.
   The beta series starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from
-  zephyr-7b-gemma-sft-v0.1 and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired here, and said: in Table 4 the
-  DPO row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100
+  zephyr-7b-gemma-sft-v0.1 and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired
+  here, and said: in Table 4 the DPO row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100
   everywhere else), and Tables 5 and 6 label their rows "(beta)" under a caption and a text that say gemma. Pairwise
   tables are stored as printed, row model against column model. One printed pair does not sum to 100 and is kept
   as printed: Table 6, Ref. vs DPO 36.44 and DPO vs Ref. 64.56.
