@@ -6,16 +6,16 @@ produce and say what differs (docs/math.md section 12). They are kept *whole*: e
 including the rows where a method did not win (``not_won``), because a learner must see those too.
 
 Sources (arXiv HTML of each paper):
-- **Liu et al. 2024** (RPO), section 6 and appendix D.3. Table 1: GPT-4 pairwise win rates on 150 test prompts of
-  the training data (in distribution); Table 2: MT-Bench scores and AlpacaEval 2.0 (LC) win rates against GPT-4;
-  Tables 4-6: pairwise win rates on MT-Bench (beta series) and on AlpacaEval 2.0 (gemma series). MT-Bench is
-  scored 1-10 by GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers.
-  The beta series starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from
-  zephyr-7b-gemma-sft-v0.1 and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired
-  here, and said: in Table 4 the DPO row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100
-  everywhere else), and Tables 5 and 6 label their rows "(beta)" under a caption and a text that say gemma. Pairwise
-  tables are stored as printed, row model against column model. One printed pair does not sum to 100 and is kept
-  as printed: Table 6, Ref. vs DPO 36.44 and DPO vs Ref. 64.56.
+- **Liu et al. 2024** (RPO), section 6 and appendix D.3. Table 1: GPT-4 pairwise win rates on 150 test prompts of the
+  training data (in distribution); Table 2: MT-Bench scores and AlpacaEval 2.0 (LC) win rates against GPT-4; Tables
+  4-6: pairwise win rates on MT-Bench (beta series) and on AlpacaEval 2.0 (gemma series). MT-Bench is scored 1-10 by
+  GPT-4; AlpacaEval 2.0's (length-controlled, LC) win rates are against GPT-4 Preview's answers. The beta series
+  starts from mistral-7b-sft-beta and trains on UltraFeedback; the gemma series starts from zephyr-7b-gemma-sft-v0.1
+  and trains on Argilla DPO-Mix-7K. Two defects of the printed tables are repaired here, and said: in Table 4 the DPO
+  row's two entries are swapped (they contradict the complements of the RPO and Ref. rows, which sum to 100 everywhere
+  else), and Tables 5 and 6 label their rows "(beta)" under a caption and a text that say gemma. Pairwise tables are
+  stored as printed, row model against column model. One printed pair does not sum to 100 and is kept as printed:
+  Table 6, Ref. vs DPO 36.44 and DPO vs Ref. 64.56.
 - **Song et al. 2024** (HyPO), section 5.1. Table 1: TL;DR summarisation with Pythia 1.4B and 2.8B (GPT-4 win rate
   on 600 validation prompts, reward-model score, reverse KL to pi_ref; the paper prints a spread in parentheses);
   Table 2: MT-Bench and AlpacaEval 2.0 for Llama-3-8B-Instruct fine-tuned on UltraFeedback (last 4 layers trained);
