@@ -298,11 +298,11 @@ def liu_guarantee_experiment(n_pairs: Iterable[int], *, seeds: Iterable[int] = (
     learning rate scaled by ``1/beta`` so that Adam moves the implicit reward ``beta * log(pi/pi_ref)`` at the same
     pace for every beta), and the unregularised gap ``E_pi r* - E_pi_hat r*`` to the comparator ``pi`` = the best
     response, beside the bound (``liu_bound``, R = the world's reward range, ``pi_base`` = the chosen responses).
-    Returns ``{"n_pairs": (K,), "gap", "bound", "eta": (S, K), "coverage", "kl": (S,)}``.
+    Returns ``{"n_pairs": (K,), "gap", "bound", "eta": (S, K), "coverage", "kl", "reward_range": (S,)}``.
     """
     n_pairs, seeds = list(n_pairs), list(seeds)
     out: dict[str, np.ndarray] = {key: np.zeros((len(seeds), len(n_pairs))) for key in ("gap", "bound", "eta")}
-    out["coverage"], out["kl"] = np.zeros(len(seeds)), np.zeros(len(seeds))
+    out["coverage"], out["kl"], out["reward_range"] = (np.zeros(len(seeds)) for _ in range(3))
     cells = [(i, seed, j, n) for i, seed in enumerate(seeds) for j, n in enumerate(n_pairs)]
     if progress:
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -314,6 +314,7 @@ def liu_guarantee_experiment(n_pairs: Iterable[int], *, seeds: Iterable[int] = (
         target = torch.zeros_like(world.gold_rewards)
         target[0, int(rewards.argmax())] = 1.0
         reward_range = float(rewards.max() - rewards.min())
+        out["reward_range"][i] = reward_range
         out["coverage"][i] = partial_coverage(world, target)
         out["kl"][i] = float((-world.ref_logps[0, int(rewards.argmax())]))  # KL(point mass || pi_ref)
         beta = 1 / math.sqrt(n)
