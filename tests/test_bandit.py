@@ -367,3 +367,24 @@ def test_bandit_computations_run_on_one_thread_and_restore_the_setting():
     for function in (bandit.train, bandit.fit_rpo, bandit.finite_sample_experiment, bandit.solve_max_min,
                      bandit.solve_min_max, bandit.kl_gradient_estimates, bandit.fit_reward_model):
         assert hasattr(function, "__wrapped__"), function.__name__
+
+
+@pytest.mark.parametrize("tau, beta", [(0.1, 0.1), (0.5, 0.5), (1.0, 0.2)])
+def test_ipo_minimisers_have_unbounded_kl_and_gap_as_the_unseen_mass_shrinks(tau, beta):
+    # Song et al. Prop. 4.2: deterministic construction, so three (tau, beta) settings stand in for seeds
+    kls, gaps = [], []
+    qs = [1e-2, 1e-4, 1e-8, 1e-12]
+    for q in qs:
+        world = bandit.three_response_world(q)
+        low = world.population_loss(bandit.prop41_policy(world, beta, 0.0, method="ipo", tau=tau), "ipo", tau=tau)
+        member = bandit.prop41_policy(world, beta, 0.5, method="ipo", tau=tau)
+        assert world.population_loss(member, "ipo", tau=tau).item() == pytest.approx(low.item(), abs=1e-12)
+        for nudge in (1e-3, -1e-3):  # the y1:y2 split is IPO's minimiser: moving it raises the loss
+            moved = torch.log_softmax(member + torch.tensor([[nudge, 0.0, 0.0]], dtype=torch.float64), dim=-1)
+            assert world.population_loss(moved, "ipo", tau=tau).item() > low.item()
+        kls.append(world.reverse_kl(member).item())
+        gaps.append(world.suboptimality(member, beta).item())
+    slopes = np.polyfit(np.log(1 / np.array(qs)), np.array([kls, gaps]).T, 1)[0]
+    assert slopes[0] == pytest.approx(0.5, abs=0.01) and slopes[1] == pytest.approx(beta / 2, abs=0.01)
+    with pytest.raises(ValueError, match="'dpo' or 'ipo'"):
+        bandit.prop41_policy(bandit.three_response_world(0.1), beta, 0.5, method="kto")  # type: ignore[arg-type]

@@ -310,15 +310,27 @@ def three_response_world(q: float, *, gold_rewards: tuple[float, float, float] =
     )
 
 
-def prop41_policy(world: BanditWorld, beta: float, y3_mass: float) -> Tensor:
-    """A member of the DPO minimiser family of Prop. 4.1 in ``three_response_world``: pi*'s y1:y2 ratio (which
-    is all the DPO loss sees) and mass ``y3_mass`` on the uncovered y3. Returns (1, 3) log-probabilities."""
+def prop41_policy(world: BanditWorld, beta: float, y3_mass: float, *, method: Literal["dpo", "ipo"] = "dpo",
+                  tau: float = 0.1) -> Tensor:
+    """A member of the minimiser family of Prop. 4.1 (DPO) or Prop. 4.2 (IPO) in ``three_response_world``.
+
+    The y1:y2 split is the one the population loss wants, which is all it sees, and the uncovered y3 gets mass
+    ``y3_mass``. DPO's split is pi*'s (``beta``). IPO's (``method="ipo"``) regresses the pair's log-ratio gap
+    ``h = log(pi(y1)/pi_ref(y1)) - log(pi(y2)/pi_ref(y2))`` onto ``1/(2 tau)`` with the label's sign, so its
+    population minimiser is ``h = (2p - 1) / (2 tau)``, ``p = s(r*(y1) - r*(y2))``. Returns (1, 3) log-probs.
+    """
     if world.n_responses != 3 or world.n_prompts != 1:
         raise ValueError("prop41_policy needs the three-response world: use three_response_world(q).")
     if not 0 <= y3_mass < 1:
         raise ValueError(f"y3_mass must be in [0, 1); got {y3_mass}.")
-    best = world.optimal_logps(beta).exp()[0]
-    covered = best[:2] / best[:2].sum() * (1 - y3_mass)
+    if method == "dpo":
+        split = world.optimal_logps(beta).exp()[0, :2]
+    elif method == "ipo":
+        p = torch.sigmoid(world.gold_rewards[0, 0] - world.gold_rewards[0, 1])
+        split = torch.softmax(world.ref_logps[0, :2] + torch.stack([(2 * p - 1) / (2 * tau), p.new_zeros(())]), 0)
+    else:
+        raise ValueError(f"method must be 'dpo' or 'ipo'; got {method!r}.")
+    covered = split / split.sum() * (1 - y3_mass)
     return torch.cat([covered, covered.new_tensor([y3_mass])]).log()[None]
 
 
