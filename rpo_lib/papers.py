@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["REPORTED", "Contest", "Reported", "contests", "evidence_table", "not_won", "reported"]
+__all__ = ["COSTS", "REPORTED", "Contest", "Cost", "Reported", "contests", "cost_table", "evidence_table", "not_won",
+           "reported"]
 
 LIU, SONG = "Liu et al. 2024", "Song et al. 2024"
 _BETA = "beta series: mistral-7b-sft-beta on UltraFeedback"
@@ -124,6 +125,37 @@ REPORTED: tuple[Reported, ...] = tuple(
         "Ref.": (65.68, 74.91, 62.12, 43.88, 78.76, 65.07), "DPO": (65.82, 73.62, 63.14, 45.02, 79.1, 65.34),
         "HyPO": (65.74, 73.84, 62.71, 45.55, 79.74, 65.51)})
 )
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The training time a paper reports for one method in one setting (wall clock, hours, as a range)."""
+
+    paper: str
+    source: str
+    setting: str
+    method: str
+    hours_low: float
+    hours_high: float
+    hardware: str
+
+
+COSTS: tuple[Cost, ...] = (
+    Cost(LIU, "appendix D.1", _BETA, "DPO or RPO", 3, 3, "8 A100"),
+    Cost(LIU, "appendix D.1", _GEMMA, "DPO or RPO", 5, 5, "8 A6000"),
+    Cost(SONG, "appendix D", "TL;DR, Pythia", "DPO", 1, 2, "4 A6000/L40"),
+    Cost(SONG, "appendix D", "TL;DR, Pythia", "HyPO", 4, 5, "4 A6000/L40"),
+    Cost(SONG, "appendix D", _LLAMA + ", one epoch", "DPO", 3, 3, "8 A100 80GB"),
+    Cost(SONG, "appendix D", _LLAMA + ", one epoch", "HyPO", 18, 18, "8 A100 80GB"),
+)
+
+
+def cost_table(paper: str | None = None) -> str:
+    """The training times the papers report (of one paper, if named), one line each."""
+    name = _paper(paper)
+    return "\n".join(f"{c.paper}, {c.source} | {c.setting} | {c.method}: "
+                     + (f"{c.hours_low:g} h" if c.hours_low == c.hours_high else f"{c.hours_low:g}-{c.hours_high:g} h")
+                     + f" on {c.hardware}" for c in COSTS if name is None or c.paper == name)
 
 
 def _paper(paper: str | None) -> str | None:

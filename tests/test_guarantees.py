@@ -187,6 +187,9 @@ def test_papers_tables_refuse_an_unknown_paper_table_or_model():
         papers.reported("Song", "Table 9")
     with pytest.raises(ValueError, match="HyPO"):
         papers.contests("Song", "PPO")
+    costs = {(c.setting, c.method): c for c in papers.COSTS if c.paper.startswith("Song")}
+    assert costs["TL;DR, Pythia", "HyPO"].hours_low >= 2 * costs["TL;DR, Pythia", "DPO"].hours_high
+    assert "18 h" in papers.cost_table("Song") and "Song" not in papers.cost_table("Liu")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
