@@ -83,3 +83,12 @@ def test_bad_inputs_say_what_to_do():
         coverage.kl_ball_ratio(0.0, 1.0)
     with pytest.raises(ValueError, match="square"):
         coverage.linear_coverage(torch.eye(2), torch.eye(3))
+
+
+@pytest.mark.parametrize("mass", [0.05, 0.1, 0.3])
+def test_a_bounded_kl_allows_a_density_ratio_exponential_in_the_radius(mass):
+    # Remark 4.1, the motivation of Song et al.'s conjecture on single-policy coverage (notebook 06)
+    for kappa in (1.0, 2.0, 4.0):
+        ref_mass = mass * math.exp(-kappa / mass)
+        assert coverage.point_mass_kl(mass, ref_mass).item() <= kappa
+        assert coverage.kl_ball_ratio(ref_mass, kappa).item() >= math.exp(kappa / mass) * (1 - 1e-9)
