@@ -543,7 +543,7 @@ LAB_SETTINGS: dict[str, Any] = {
     "learning_rate": 3e-4, "beta": 0.1, "batch_size": 16, "max_steps": 300, "warmup_steps": 10,
     "eval_every": 30,
     "sft_weight": 1.0,  # RPO: a plain weight w = 1 on the token-mean SFT term (RPO_VARIANTS["trl"])
-    "lam": 0.1,  # HyPO: the summed log-ratios here are a few nats, so lam is larger than the paper's 1e-4
+    "lam": 0.1,  # HyPO: the summed log-ratios here are a few nats, lam exceeds the paper's (1e-4 TL;DR, 2e-4 chat)
     "k_online": 2, "online_max_new_tokens": 16,
 }
 
