@@ -258,14 +258,15 @@ def partial_coverage(world: BanditWorld, target_probs: Tensor, base_probs: Tenso
 
 
 def _log_covering(reward_bound: float, n_pairs: int, n_cells: int) -> float:
-    """``log N_eps`` of the tables in ``[0, R]^n_cells`` under the sup norm at Theorem 5.3's
-    ``eps = 1 / (6 (1 + e^R) N)``: a grid of spacing ``2 eps`` needs ``ceil(R / (2 eps))`` points per cell."""
-    eps = 1.0 / (6.0 * (1.0 + math.exp(reward_bound)) * n_pairs)
-    return n_cells * math.log(math.ceil(reward_bound / (2 * eps)))
+    """``log N_cov`` of the tables in ``[0, R]^n_cells`` under the sup norm at Theorem 5.3's radius
+    ``rho = 1 / (6 (1 + e^R) N)`` (the paper's epsilon): a grid of spacing ``2 rho`` needs ``ceil(R / (2 rho))``
+    points per cell."""
+    radius = 1.0 / (6.0 * (1.0 + math.exp(reward_bound)) * n_pairs)
+    return n_cells * math.log(math.ceil(reward_bound / (2 * radius)))
 
 
 def liu_eta(n_pairs: int, *, reward_bound: float, n_cells: int, delta: float = 0.1) -> float:
-    """The eta Theorem 5.3 prescribes: ``(1 + e^R)^-2 sqrt(24 log(N_eps / delta) / N)`` (with ``beta = 1/sqrt(N)``)."""
+    """The eta Theorem 5.3 prescribes: ``(1 + e^R)^-2 sqrt(24 log(N_cov / delta) / N)`` (with ``beta = 1/sqrt(N)``)."""
     log_cover = _log_covering(reward_bound, n_pairs, n_cells) + math.log(1 / delta)
     return math.sqrt(24 * log_cover / n_pairs) / (1 + math.exp(reward_bound)) ** 2
 
@@ -274,7 +275,7 @@ def liu_bound(coefficient: float, n_pairs: int, kl: float, *, reward_bound: floa
               delta: float = 0.1) -> float:
     """The right-hand side of Liu et al.'s Theorem 5.3 (eq. 5.3), every constant kept, for tabular rewards.
 
-    ``[sqrt(6) (1 + e^R)^2 (C^2 + 1) iota + 4 KL(pi || pi_ref)] / (4 sqrt(N))`` with ``iota = sqrt(log(N_eps /
+    ``[sqrt(6) (1 + e^R)^2 (C^2 + 1) iota + 4 KL(pi || pi_ref)] / (4 sqrt(N))`` with ``iota = sqrt(log(N_cov /
     delta))``; it holds with probability at least ``1 - delta``. ``reward_bound`` is R of Assumption 5.1 (rewards in
     ``[0, R]``: a reward range, since shifts are invisible), ``n_cells`` the number of (prompt, response) cells.
     """
