@@ -28,8 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["COSTS", "REPORTED", "Contest", "Cost", "Reported", "contests", "cost_table", "evidence_table", "not_won",
-           "reported"]
+__all__ = ["COSTS", "REPORTED", "SETTINGS", "ULTRAFEEDBACK_TRAIN_PAIRS", "Contest", "Cost", "Reported", "Settings",
+           "contests", "cost_table", "evidence_table", "not_won", "reported", "settings", "settings_table"]
+
+# Rows of HuggingFaceH4/ultrafeedback_binarized, split train_prefs (its dataset card): the data of Liu et al.'s beta
+# series and of Song et al.'s chat runs, and of the qlora_7b preset (one epoch = ceil(pairs / batch) steps).
+ULTRAFEEDBACK_TRAIN_PAIRS = 61_135
 
 LIU, SONG = "Liu et al. 2024", "Song et al. 2024"
 _BETA = "beta series: mistral-7b-sft-beta on UltraFeedback"
@@ -156,6 +160,58 @@ def cost_table(paper: str | None = None) -> str:
     return "\n".join(f"{c.paper}, {c.source} | {c.setting} | {c.method}: "
                      + (f"{c.hours_low:g} h" if c.hours_low == c.hours_high else f"{c.hours_low:g}-{c.hours_high:g} h")
                      + f" on {c.hardware}" for c in COSTS if name is None or c.paper == name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The training settings a paper reports for one method in one setting: ``values`` as (name, value) pairs,
+    named as ``rpo_lib.train.TrainConfig`` names them where it has the field."""
+
+    paper: str
+    source: str
+    setting: str
+    method: str
+    values: tuple[tuple[str, float | str], ...]
+
+    def __getitem__(self, name: str) -> float | str:
+        for key, value in self.values:
+            if key == name:
+                return value
+        raise KeyError(f"{self.paper}, {self.setting}: no setting {name!r}; it has {[k for k, _ in self.values]}.")
+
+
+SETTINGS: tuple[Settings, ...] = (
+    Settings(LIU, "Table 3, section 6", _BETA, "DPO and RPO", (
+        ("learning_rate", 5e-7), ("lr_schedule", "cosine"), ("batch_size", 128), ("epochs", 1), ("beta", 0.01),
+        ("eta", 0.005), ("optimizer", "adamw"), ("precision", "bfloat16"))),
+    Settings(LIU, "Table 3, section 6", _GEMMA, "DPO and RPO", (
+        ("learning_rate", 5e-7), ("lr_schedule", "cosine"), ("batch_size", 128), ("epochs", 2), ("beta", 0.05),
+        ("eta", 0.005), ("optimizer", "adamw"), ("precision", "bfloat16"))),
+    Settings(SONG, "appendix D.2.1", "TL;DR, Pythia", "DPO and HyPO", (
+        ("learning_rate", 3e-6), ("lr_schedule", "cosine"), ("batch_size", 64), ("beta", 0.05), ("lam", 1e-4),
+        ("k_online", 2), ("optimizer", "adamw"))),
+    Settings(SONG, "appendix D.2.2", _LLAMA, "HyPO", (
+        ("learning_rate", 3e-6), ("lr_schedule", "linear"), ("batch_size", 8), ("beta", 0.05), ("lam", 2e-4),
+        ("k_online", 2), ("length_penalty", 0.02), ("optimizer", "adamw"))),
+)
+
+
+def settings(paper: str, setting: str) -> Settings:
+    """The settings of one paper whose setting contains ``setting`` (e.g. ``settings("Liu", "beta series")``)."""
+    name = _paper(paper)
+    found = [s for s in SETTINGS if s.paper == name and setting in s.setting]
+    if len(found) != 1:
+        raise ValueError(f"{setting!r} names {len(found)} settings of {name}; they are "
+                         f"{[s.setting for s in SETTINGS if s.paper == name]}.")
+    return found[0]
+
+
+def settings_table(paper: str | None = None) -> str:
+    """The training settings the papers report (of one paper, if named), one line each."""
+    name = _paper(paper)
+    return "\n".join(f"{s.paper}, {s.source} | {s.setting} | {s.method}: "
+                     + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.values)
+                     for s in SETTINGS if name is None or s.paper == name)
 
 
 def _paper(paper: str | None) -> str | None:

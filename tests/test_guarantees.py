@@ -239,3 +239,18 @@ def test_rpo_imitating_pi_ref_stays_nearer_pi_ref_and_keeps_less_gold_than_imita
     with pytest.raises(ValueError, match="'chosen' or 'reference'"):
         world = bandit.tabular_world(0)
         bandit.train(world, world.sample_data(10, seed=0), "rpo", bandit.BanditConfig(base="data", steps=1))
+
+
+def test_qlora_7b_preset_takes_the_papers_settings_it_says_it_takes():
+    from rpo_lib import papers
+    from rpo_lib.train import preset
+
+    qlora, liu, song = preset("qlora_7b"), papers.settings("Liu", "beta series"), papers.settings("Song", "Llama")
+    assert (qlora.beta, qlora.eta, qlora.lam) == (liu["beta"], liu["eta"], song["lam"])
+    assert qlora.max_steps * qlora.batch_size >= papers.ULTRAFEEDBACK_TRAIN_PAIRS > (qlora.max_steps - 1) * 64
+    assert qlora.learning_rate == pytest.approx(100 * liu["learning_rate"])  # LoRA's rate: notebook 08 section 3
+    assert "length_penalty 0.02" in papers.settings_table("Song")
+    with pytest.raises(ValueError, match="beta series"):
+        papers.settings("Liu", "Pythia")
+    with pytest.raises(KeyError, match="warmup"):
+        liu["warmup_ratio"]
