@@ -276,13 +276,13 @@ PRESETS: dict[str, TrainConfig] = {
     "cpu_chat": TrainConfig(method="rpo", beta=0.1, learning_rate=2e-4, batch_size=8, micro_batch_size=4,
                             max_length=512, max_prompt_length=256, warmup_steps=5, lr_schedule="cosine",
                             max_steps=100, padding_free=True, lam=2e-4, k_online=2, online_max_new_tokens=96),
-    # A 7B model in 4-bit with a LoRA adapter on one 24-80 GB GPU. beta and eta are Liu et al.'s published
-    # beta-series values (zephyr-7b-beta recipe) with the alignment-handbook normalisation
-    # (RPO_VARIANTS["handbook"]); the learning rate is a usual LoRA DPO value. 64 pairs per step = 32 micro-batches of 2; max_steps is one UltraFeedback
-    # epoch (papers.ULTRAFEEDBACK_TRAIN_PAIRS / 64). The reference pass without gradients takes 16 pairs at a time.
-    # HyPO's lam is Song et al.'s general-chat value (UltraFeedback, appendix D.2.2: 2e-4; 1e-4 is their TL;DR
-    # value); they also add a length penalty of 0.02 per token to the online term, which rpo_lib's HyPO does not
-    # implement. tests/test_guarantees.py checks these values against rpo_lib.papers.SETTINGS.
+    # A 7B model in 4-bit with a LoRA adapter on one 24-80 GB GPU. beta and eta are Liu et al.'s published beta-series
+    # values (zephyr-7b-beta recipe) with the alignment-handbook normalisation (RPO_VARIANTS["handbook"]); the learning
+    # rate is a usual LoRA DPO value. 64 pairs per step = 32 micro-batches of 2; max_steps is one UltraFeedback epoch
+    # (papers.ULTRAFEEDBACK_TRAIN_PAIRS / 64). The reference pass without gradients takes 16 pairs at a time. HyPO's lam
+    # is Song et al.'s general-chat value (UltraFeedback, appendix D.2.2: 2e-4; 1e-4 is their TL;DR value); they also
+    # add a length penalty of 0.02 per token to the online term, which rpo_lib's HyPO does not implement.
+    # tests/test_guarantees.py checks these values against rpo_lib.papers.SETTINGS.
     "qlora_7b": TrainConfig(method="rpo", beta=0.01, eta=0.005, rpo_variant="handbook", learning_rate=5e-5,
                             batch_size=64, micro_batch_size=2, max_length=1024, max_prompt_length=512,
                             warmup_steps=50, lr_schedule="cosine", gradient_checkpointing=True,
