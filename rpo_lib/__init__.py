@@ -20,6 +20,7 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.evaluation`` a trained policy against its reference: reward-model win rate, KL to the reference.
 - ``rpo_lib.checkpoints`` the trainer's checkpoint files: atomic writes, safe loading, discovery by step.
 - ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
+- ``rpo_lib.lab``       notebook 07's comparison: the task trained with one set of settings (``lab_run``).
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
 - ``rpo_lib.plotting``  the workbook's plot style.
@@ -34,9 +35,9 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["bandit", "bt", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "families", "launch",
-           "logprobs", "losses", "memory", "models", "packing", "papers", "parallel", "plotting", "sample", "tasks",
-           "train"]
+__all__ = ["bandit", "bt", "chat_task", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "families",
+           "lab", "launch", "logprobs", "losses", "memory", "models", "packing", "papers", "parallel", "plotting",
+           "run_log", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

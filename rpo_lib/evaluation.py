@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import as_reference
+from rpo_lib.models import as_reference, launch_device
 from rpo_lib.sample import Samples, sample
 
 __all__ = ["Comparison", "GoldScore", "Prompt", "RewardModel", "compare_to_reference", "load_reward_model",
@@ -47,8 +47,6 @@ def load_reward_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | N
                       device: torch.device | str | None = None, trust_remote_code: bool = False) -> RewardModel:
     """A reward model by hub id or local directory (``AutoModelForSequenceClassification`` with one label)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from rpo_lib.models import launch_device
 
     place = torch.device(device) if device is not None else launch_device()
     try:

@@ -17,13 +17,17 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "SMOLLM2_ID", "SMOLLM2_PYPI", "LoraSettings", "TinyLMConfig",
+from rpo_lib import env
+
+__all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "SMOLLM2_ID", "SMOLLM2_PYPI", "SPECIAL_TOKENS", "LoraSettings",
+           "TinyLMConfig",
            "as_reference", "base_model", "cache_dir", "compute_dtype", "disable_dropout", "enable_checkpointing",
            "find_dropout", "frozen_copy", "is_peft", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy",
            "prepare_for_kbit_training", "quantization_config", "smollm2", "tiny_causal_lm", "tiny_checkpoint",
@@ -241,9 +245,7 @@ def launch_device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = os.environ.get("LOCAL_RANK")
         return torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
-    from rpo_lib.env import device
-
-    return device()
+    return env.device()
 
 
 def quantization_config(quantization: Quantization | None, compute_dtype: torch.dtype, *,
@@ -439,6 +441,35 @@ def _add_adapters(model: Any, lora: LoraSettings, sft_adapter: str | os.PathLike
     return peft_model
 
 
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # of the tokenizers train_tokenizer makes
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 160):
+    """A byte-pair-encoding tokenizer trained on ``texts``, as a ``transformers.PreTrainedTokenizerFast``.
+
+    Words are split on whitespace and marked with a leading ``▁`` (SentencePiece's Metaspace), so decoding
+    restores the spaces. Every lowercase letter and ``:`` is in the vocabulary, so any word the model can
+    spell is representable; merges make the frequent words single tokens (with the default size, every word
+    of the task, decoys included, is one token; an unknown word is spelled letter by letter).
+    ``tokenizer(text)`` starts with ``<bos>``; ``<eos>`` ends completions; ``<pad>`` pads. The result is
+    deterministic in ``texts``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz:")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", core.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
                  "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -448,10 +479,8 @@ def tiny_checkpoint(directory: str | os.PathLike, texts: list[str], *, config: T
     """Write a tiny model *directory* as the hub has them (config.json, model.safetensors, a tokenizer with a chat
     template), so that ``load_policy(directory, ...)`` runs the real loading path with no download.
 
-    The tokenizer is a byte-pair encoding trained on ``texts`` (``rpo_lib.tasks.train_tokenizer``); the model a
+    The tokenizer is a byte-pair encoding trained on ``texts`` (``train_tokenizer``); the model a
     random ``tiny_causal_lm`` with that vocabulary. Returns the directory."""
-    from rpo_lib.tasks import train_tokenizer
-
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     tokenizer.chat_template = CHAT_TEMPLATE
     base = config or TinyLMConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=1024)

@@ -33,6 +33,8 @@ The pipeline, each step one function:
    the trainer logs while it trains.
 
 ``scripts/make_gold_task_data.py`` runs 1-4 with a fixed seed and writes ``data/gold_task/`` with checksums.
+``rpo_lib.lab`` runs notebook 07's comparison on this task. ``train_tokenizer`` lives in ``rpo_lib.models``, where
+models are made, and is imported here for the pipeline above.
 """
 
 from __future__ import annotations
@@ -45,19 +47,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # heavy imports only for type checkers
-    from rpo_lib.data import DataReport
+from rpo_lib.data import DataReport, collate_preferences, collate_sft, tokenize_preferences, tokenize_sft
+from rpo_lib.logprobs import completion_logprobs
+from rpo_lib.models import TinyLMConfig, tiny_causal_lm, train_tokenizer
+from rpo_lib.sample import sample
+from rpo_lib.train import Trainer, preset
 
-__all__ = ["DATA_DIR", "LAB_SETTINGS", "REBUILD_TOLERANCES", "TopicTask", "WordCounts", "build_files",
-           "compare_builds", "fine_tune_reference", "lab_run", "load_reference", "pair_statistics",
+__all__ = ["DATA_DIR", "REBUILD_TOLERANCES", "TopicTask", "WordCounts", "build_files",
+           "compare_builds", "fine_tune_reference", "load_reference", "pair_statistics",
            "preference_rows", "read_jsonl", "reference_corpus", "reference_model", "sha256sums", "train_tokenizer"]
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 _TOPICS: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "pear", "plum", "grape", "lemon", "mango"),
@@ -227,8 +231,6 @@ class TopicTask:
           ``eval/logps/rejected``, the mean summed log-probabilities of those fixed responses under the
           policy (the training batches' ``logps/*`` are noisier: every step sees other pairs).
         """
-        from rpo_lib.data import collate_preferences, tokenize_preferences
-
         prompts = self.prompts
         fixed = None
         if pairs is not None:
@@ -276,39 +278,11 @@ def reference_corpus(task: TopicTask, n_rows: int, *, seed: int = 0) -> list[dic
     return rows
 
 
-def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 160):
-    """A byte-pair-encoding tokenizer trained on ``texts``, as a ``transformers.PreTrainedTokenizerFast``.
-
-    Words are split on whitespace and marked with a leading ``▁`` (SentencePiece's Metaspace), so decoding
-    restores the spaces. Every lowercase letter and ``:`` is in the vocabulary, so any word the model can
-    spell is representable; merges make the frequent words single tokens (with the default size, every word
-    of the task, decoys included, is one token; an unknown word is spelled letter by letter).
-    ``tokenizer(text)`` starts with ``<bos>``; ``<eos>`` ends completions; ``<pad>`` pads. The result is
-    deterministic in ``texts``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Metaspace()
-    core.decoder = decoders.Metaspace()
-    alphabet = list("abcdefghijklmnopqrstuvwxyz:")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=alphabet, show_progress=False)
-    core.train_from_iterator(texts, trainer=trainer)
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", core.token_to_id("<bos>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-
-
 def reference_model(tokenizer: Any, *, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2):
     """An untrained tiny ``LlamaForCausalLM`` sized for ``tokenizer`` (about 0.1M parameters).
 
     Fine-tune it on ``reference_corpus`` with ``rpo_lib.train`` (``method="sft"``) to get ``pi_ref``.
     """
-    from rpo_lib.models import TinyLMConfig, tiny_causal_lm
-
     config = TinyLMConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                           num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=64)
@@ -341,9 +315,6 @@ def preference_rows(
         ``(rows, report)``: rows ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}`` and a
         ``rpo_lib.data.DataReport`` of what was dropped and why.
     """
-    from rpo_lib.data import DataReport
-    from rpo_lib.sample import sample
-
     if not 0.0 <= decoy_coverage <= 1.0:
         raise ValueError(f"decoy_coverage is a probability in [0, 1]; got {decoy_coverage}.")
     if n_pairs < 1:
@@ -396,8 +367,6 @@ SFT_STEPS = 1000  # reference fine-tuning: 1000 steps of 32 rows (8 epochs), lr 
 def fine_tune_reference(task: TopicTask, tokenizer: Any, rows: Sequence[dict[str, str]], *, seed: int = 0,
                         steps: int = SFT_STEPS, progress: bool = False):
     """``pi_ref``: ``reference_model(tokenizer, seed=seed)`` fine-tuned by SFT on ``rows``; returns (model, history)."""
-    from rpo_lib.train import Trainer, preset
-
     model = reference_model(tokenizer, seed=seed)
     config = preset("tiny", method="sft", max_steps=steps, batch_size=32, learning_rate=3e-3, seed=seed,
                     progress=progress)
@@ -480,9 +449,6 @@ def pair_statistics(rows: Sequence[dict[str, Any]], task: TopicTask | None = Non
 
 
 def _corpus_logps(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> tuple[Tensor, int]:
-    from rpo_lib.data import collate_sft, tokenize_sft
-    from rpo_lib.logprobs import completion_logprobs
-
     examples, _ = tokenize_sft(rows, tokenizer, max_length=64)
     batch = collate_sft(examples, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -535,37 +501,3 @@ def load_reference(directory: str | Path = DATA_DIR):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     return model.eval(), tokenizer
-
-
-# --------------------------------------------------------------------------------------------- the lab
-LAB_SETTINGS: dict[str, Any] = {
-    # Notebook 07's comparison: every method gets the same data, steps, batch, learning rate and beta.
-    "learning_rate": 3e-4, "beta": 0.1, "batch_size": 16, "max_steps": 300, "warmup_steps": 10,
-    "eval_every": 30,
-    "sft_weight": 1.0,  # RPO: a plain weight w = 1 on the token-mean SFT term (RPO_VARIANTS["trl"])
-    "lam": 0.1,  # HyPO: the summed log-ratios here are a few nats, lam exceeds the paper's (1e-4 TL;DR, 2e-4 chat)
-    "k_online": 2, "online_max_new_tokens": 16,
-}
-
-
-def lab_run(method: str, rows: Sequence[dict[str, Any]], *, model: Any = None, tokenizer: Any = None,
-            seed: int = 0, progress: bool = False, **changes: Any):
-    """Train a copy of ``pi_ref`` with ``method`` on ``rows`` with the lab's settings; return the trainer.
-
-    ``model``/``tokenizer`` default to the shipped reference (``load_reference``); the model passed is not
-    changed (it stays the frozen reference). ``changes`` override ``LAB_SETTINGS`` (e.g. ``max_steps``).
-    The evaluator samples 16 responses per prompt every ``eval_every`` steps and scores 64 fixed training
-    pairs; read the results from ``trainer.history``.
-    """
-    import copy
-
-    from rpo_lib.train import Trainer, preset
-
-    if model is None or tokenizer is None:
-        model, tokenizer = load_reference()
-    settings = {**LAB_SETTINGS, **changes}
-    config = preset("tiny", method=method, seed=seed, progress=progress, **settings)
-    evaluate = TopicTask().evaluator(tokenizer, pairs=list(rows[:64]))
-    trainer = Trainer(copy.deepcopy(model), tokenizer, rows, config, ref_model=model, evaluate=evaluate)
-    trainer.train()
-    return trainer

@@ -83,7 +83,8 @@ from rpo_lib._checks import DeferredChecks, deferred_checks
 from rpo_lib.checkpoints import latest_checkpoint
 from rpo_lib.data import (SFTExample, collate_preferences, collate_sft, fingerprint, tokenize_preferences,
                           tokenize_sft)
-from rpo_lib.logprobs import completion_logprobs
+from rpo_lib.env import device as pick_device
+from rpo_lib.logprobs import completion_logprobs, reduce_token_logprobs
 from rpo_lib.models import (REF_ADAPTER, as_reference, base_model, compute_dtype, disable_dropout,
                             enable_checkpointing, find_dropout, frozen_copy, is_peft, keep_4bit_trainable_on_cpu)
 from rpo_lib.packing import PackedBatch, pack_sequences, packed_token_logprobs
@@ -455,8 +456,6 @@ class Trainer:
     def __init__(self, model: Any, tokenizer: Any, rows: Iterable[Mapping[str, Any]], config: TrainConfig, *,
                  ref_model: Any = None, evaluate: Callable[[Trainer], dict[str, float]] | None = None,
                  ref_adapter_name: str | None = None, parallel: SingleProcess | None = None) -> None:
-        from rpo_lib.env import device as pick_device
-
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a TrainConfig (e.g. preset('tiny')); got {type(config).__name__}.")
         self.config = config
@@ -570,8 +569,6 @@ class Trainer:
     def _forward(self, model: Any, batch: Mapping[str, Tensor] | PackedBatch, reduction: Reduction | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
         """(sequence log-probs, token log-probs, mask) of right-padded rows or of a ``PackedBatch``."""
-        from rpo_lib.logprobs import reduce_token_logprobs
-
         reduction = reduction or self.config.reduction
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
             if isinstance(batch, PackedBatch):

@@ -88,6 +88,51 @@ def test_math_modules_do_not_import_transformers():
     assert result.stdout.strip() == "False"
 
 
+# The floors of rpo_lib, lowest first: a module may import only from floors below its own (or from its own package).
+# Imports inside functions count too, so a circle cannot hide behind a lazy import.
+FLOORS = (
+    ("_checks", "env", "papers", "checkpoints", "run_log", "plotting", "memory"),  # no rpo_lib imports
+    ("bt", "logprobs", "coverage", "data"),                                         # math, and rows of data
+    ("losses",),                                                                    # the losses, on bt
+    ("bandit", "models", "families"),                                               # worlds; models are made
+    ("packing", "parallel", "sample"),                                              # what a model computes
+    ("train", "evaluation", "chat_task"),                                           # the trainer and its users
+    ("tasks",),                                                                     # a task built with the trainer
+    ("lab", "exercises"),                                                           # what runs on the task
+    ("launch",),                                                                    # many processes
+)
+
+
+def _rpo_lib_imports(path):
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rpo_lib"):
+            parts = node.module.split(".")
+            found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("rpo_lib.")}
+    return found
+
+
+def test_every_module_imports_only_from_floors_below_its_own():
+    floor = {name: level for level, names in enumerate(FLOORS) for name in names}
+    modules = {p.stem for p in (ROOT / "rpo_lib").glob("*.py") if p.stem != "__init__"} | {
+        p.name for p in (ROOT / "rpo_lib").iterdir() if (p / "__init__.py").exists()}
+    assert modules == set(floor), f"give each module a floor in FLOORS: {sorted(modules ^ set(floor))}"
+    upward = []
+    for path in (ROOT / "rpo_lib").rglob("*.py"):
+        if path.name == "__init__.py" and path.parent.name == "rpo_lib":
+            continue  # the package's lazy attribute access, not an import of the library's own modules
+        own = path.relative_to(ROOT / "rpo_lib").parts[0].removesuffix(".py")
+        for target in _rpo_lib_imports(path) - {own}:
+            if target in floor and floor[target] >= floor[own]:
+                upward.append(f"{path.relative_to(ROOT)} imports rpo_lib.{target} (floor {floor[target]} >= "
+                              f"{floor[own]})")
+    assert not upward, "\n".join(upward)
+
+
 def test_rpo_lib_never_imports_trl():
     # TRL is a test dependency (the parity test); the library must work without it.
     for path in (ROOT / "rpo_lib").glob("*.py"):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rpo_lib.tasks import (DATA_DIR, TopicTask, compare_builds, lab_run, load_reference, read_jsonl,
-                           reference_corpus, sha256sums, train_tokenizer)
+from rpo_lib.lab import lab_run
+from rpo_lib.tasks import (DATA_DIR, TopicTask, compare_builds, load_reference, read_jsonl, reference_corpus,
+                           sha256sums, train_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = TopicTask()
