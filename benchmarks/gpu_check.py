@@ -25,7 +25,7 @@ skipped with that reason:
    HyPO step <= 3x an RPO step; the planner within 15% of each measured peak; the launch >= 0.95 of the plain run.
 
 Without ``--out-dir``'s figures copied beside this script (``benchmarks/gpu_check.json`` and ``.md``), the project has
-no GPU figure: the README says which are measured. ``--smoke`` writes ``gpu_check-smoke.*`` there too (ignored by
+no GPU figure: docs/scale.md says which are measured. ``--smoke`` writes ``gpu_check-smoke.*`` there too (ignored by
 git); its times and sizes mean nothing.
 """
 

@@ -12,7 +12,7 @@ trains one epoch over the same rows (``steps x pairs``), after a one-step warm-u
 Each run is its own process, so that its peak resident memory (``ru_maxrss``) is its own. Figures: real tokens per
 second (prompt and completion tokens of every row, no padding), seconds per step, peak RSS, and the ratios to TRL
 without a precomputed reference. Writes ``real_model_cpu.json`` beside this script (``--out`` elsewhere);
-``--table`` writes that file's figures as the README's table (between its ``real_model_cpu table`` markers).
+``--table`` writes that file's figures as docs/scale.md's table (between its ``real_model_cpu table`` markers).
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2 steps of 2 pairs (a test of the code, not a timing)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("real_model_cpu.json")))
-    parser.add_argument("--table", action="store_true", help="write the JSON's figures into README.md and stop")
+    parser.add_argument("--table", action="store_true", help="write the JSON's figures into docs/scale.md and stop")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one run, written to --out
     args = parser.parse_args(argv)
     if args.table:
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "scale.md"
         readme.write_text(with_table(readme.read_text(), json.loads(Path(args.out).read_text())))
         return {}
     pairs, steps = (2, 2) if args.smoke else (4, 6)

@@ -16,7 +16,7 @@ From a shell (the same options; ``python -m rpo_lib.launch --help`` lists them):
         --quantization nf4 --num-processes 8 --strategy fsdp --output-dir runs/rpo
 
 On several machines run the same command on each, with ``--num-machines``, ``--machine-rank``,
-``--main-address`` and ``--main-port`` (the README has a SLURM script). ``--num-processes`` counts the
+``--main-address`` and ``--main-port`` (docs/scale.md has a SLURM script). ``--num-processes`` counts the
 processes of all machines together, as accelerate does.
 
 What happens. The job (model, data, settings) is written to ``<output_dir>/job.json``; ``accelerate launch``

@@ -94,12 +94,12 @@ def test_real_model_cpu_benchmark_smoke_mode_runs_every_side(tmp_path):
 
 
 def test_the_readme_cpu_table_is_the_committed_benchmark_json():
-    """The README's CPU figures are real_model_cpu.json's, written by `real_model_cpu.py --table`, not typed."""
+    """docs/scale.md's CPU figures are real_model_cpu.json's, written by `real_model_cpu.py --table`, not typed."""
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("real_model_cpu", root / "benchmarks" / "real_model_cpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = json.loads((root / "benchmarks" / "real_model_cpu.json").read_text())
     assert result["smoke"] is False and result["date"]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "scale.md").read_text()
     assert module.with_table(readme, result) == readme

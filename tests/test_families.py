@@ -25,7 +25,7 @@ from rpo_lib.logprobs import completion_logprobs
 from rpo_lib.sample import row_seed, sample
 from rpo_lib.train import Trainer, preset
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"  # the trainer's reference: the families
 LOSS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 MODES = ("mask", "varlen")
 
@@ -67,7 +67,7 @@ def _step(model, tokenizer, rows, **changes):
 
 
 def readme_table() -> dict[str, dict[str, str]]:
-    """The README's table of families: name -> {"mask": ..., "varlen": ...}."""
+    """docs/trainer.md's table of families: name -> {"mask": ..., "varlen": ...}."""
     table = {}
     for line in README.read_text().splitlines():
         match = re.match(r"\s*\|\s*`(\w+)`\s*\|[^|]*\|\s*(exact|refused)\s*\|\s*(exact|refused)\s*\|", line)
