@@ -21,6 +21,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 help:
 	@echo "make workbook       set up .venv, run every notebook headless in fast mode, write build/ (HTML + executed notebooks)"
 	@echo "make test           set up .venv, run the unit tests and nbval over notebooks/ (fast mode)"
+	@echo "make unit           the fast tier: the unit tests not marked slow (about a minute; make test runs all)"
 	@echo "make lab            open JupyterLab on notebooks/"
 	@echo "make workbook-full  like 'workbook' with the full-size experiments (RPO_FAST=0)"
 	@echo "make store-outputs  re-execute notebooks and store the outputs of their NBVAL_CHECK_OUTPUT cells"
@@ -44,7 +45,7 @@ test: $(STAMP)
 	RPO_FAST=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
 notebooks: $(STAMP)
 	RPO_FAST=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider

@@ -159,6 +159,7 @@ def test_tabular_dpo_never_moves_uncovered_logits_and_their_mass_falls(seed):
     assert policy.delta[world.covered].sum().item() == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_one_extrapolation_call_returns_every_curve():
     # Its run time is measured by benchmarks/bandit_experiment.py, not asserted: a busy machine is no defect.
     history = bandit.extrapolation_experiment("hypo", False, 0)
@@ -178,6 +179,7 @@ def hidden_flaw_runs():
     return {(m, s): bandit.experiment("hidden_flaw", m, s) for m in ("dpo", "rpo", "hypo") for s in SEEDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_dpo_moves_mass_onto_flawed_uncovered_responses(hidden_flaw_runs, seed):
     dpo = hidden_flaw_runs["dpo", seed]
@@ -189,6 +191,7 @@ def test_dpo_moves_mass_onto_flawed_uncovered_responses(hidden_flaw_runs, seed):
     assert np.all(np.diff(dpo["reverse_kl"]) > -1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("method", ["rpo", "hypo"])
 def test_rpo_and_hypo_protect_uncovered_mass_and_gold_reward(hidden_flaw_runs, method, seed):
@@ -199,6 +202,7 @@ def test_rpo_and_hypo_protect_uncovered_mass_and_gold_reward(hidden_flaw_runs, m
     assert other["reverse_kl"][-1] < dpo["reverse_kl"][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_rpo_keeps_chosen_logprob_where_dpo_lowers_it(hidden_flaw_runs, seed):
     dpo, rpo = hidden_flaw_runs["dpo", seed], hidden_flaw_runs["rpo", seed]
@@ -271,6 +275,7 @@ def test_maximin_on_finite_data_is_rpo_loss_with_the_same_eta(eta):
     assert inner_max.item() == pytest.approx((rpo.loss + constant).item(), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_max_min_equals_min_max_and_the_adversary_floors_the_uncovered_reward():
     world = bandit.three_response_world(0.05, gold_rewards=(1.0, 0.0, 0.5))
     min_max, _, minmax_policy = bandit.solve_min_max(world, eta=1.0, beta=0.5, reward_bound=3.0)
@@ -296,6 +301,7 @@ def test_dpo_implicit_reward_is_right_on_the_data_and_wrong_off_it(seed):
     assert error_out > 3 * error_in
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_eta_trades_protection_against_extrapolation(seed):
     def final_gold(world, eta):
@@ -307,6 +313,7 @@ def test_eta_trades_protection_against_extrapolation(seed):
     assert final_gold("linear", 10.0) < final_gold("linear", 0.0) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_hypo_lambda_is_a_kl_budget(seed):
     finals = [bandit.experiment("hidden_flaw", "hypo", seed,
@@ -315,11 +322,13 @@ def test_hypo_lambda_is_a_kl_budget(seed):
     assert finals[0] > finals[1] > finals[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_hypo_keeps_kl_far_below_dpo_on_the_hidden_flaw_world(hidden_flaw_runs, seed):
     assert hidden_flaw_runs["hypo", seed]["reverse_kl"][-1] < 0.2 * hidden_flaw_runs["dpo", seed]["reverse_kl"][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_tabular_unseen_mass_hypo_stays_near_reference_dpo_and_rpo_lower_it(seed):
     runs = {m: bandit.experiment("tabular", m, seed) for m in ("dpo", "rpo", "hypo")}
@@ -336,6 +345,7 @@ def finite_sample_runs():
     return bandit.finite_sample_experiment([30, 300, 3000, 30000], rules, seeds=SEEDS)
 
 
+@pytest.mark.slow
 def test_eta_over_sqrt_n_loses_its_pessimism_while_a_fixed_eta_keeps_its_bias(finite_sample_runs):
     shrinking, fixed = finite_sample_runs["shrinking"], finite_sample_runs["fixed"]
     assert (np.diff(shrinking, axis=1) < 0).all()          # every seed: the gap to pi* shrinks with N

@@ -22,6 +22,7 @@ def _smoke_run(name: str, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
     result = _smoke_run("qlora_rpo_7b", tmp_path)
     assert result["smoke"] is True
@@ -37,6 +38,7 @@ def test_qlora_benchmark_smoke_mode_writes_every_setting(tmp_path):
     assert math.isfinite(result["hypo"]["hypo_step_over_rpo_step"])
 
 
+@pytest.mark.slow
 def test_launch_benchmark_smoke_mode_times_both_sides(tmp_path):
     """benchmarks/launch_throughput.py --smoke: a plain Trainer and a 1-process rpo_lib.launch on the same run."""
     result = _smoke_run("launch_throughput", tmp_path)
@@ -46,6 +48,7 @@ def test_launch_benchmark_smoke_mode_times_both_sides(tmp_path):
     assert math.isfinite(result["launched_over_plain"])
 
 
+@pytest.mark.slow
 def test_the_gpu_check_smoke_mode_runs_every_part_through_its_shell_command(tmp_path):
     """benchmarks/gpu_check.sh --smoke: the one command a GPU window runs, on tiny shapes (structure, never speed)."""
     import os
@@ -79,6 +82,7 @@ def test_the_gpu_check_smoke_mode_runs_every_part_through_its_shell_command(tmp_
     assert "SMOKE RUN" in (out / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow
 def test_real_model_cpu_benchmark_smoke_mode_runs_every_side(tmp_path):
     """SmolLM2 on a CPU: rpo_lib padded and padding-free, TRL with and without a precomputed reference, each in its
     own process, on the same rows."""

@@ -122,6 +122,7 @@ def trained_hidden_flaw():
     return out
 
 
+@pytest.mark.slow
 def test_forward_and_reverse_kl_bounds_hold_and_each_method_keeps_its_own_kl_small(trained_hidden_flaw):
     for seed in (0, 1, 2):
         for method in ("dpo", "rpo", "hypo"):
@@ -218,6 +219,7 @@ def test_partial_coverage_is_the_supremum_of_its_ratio_and_infinite_when_the_bas
     assert guarantees.partial_coverage(flaw, covered_target, flaw.ref_logps.exp()) == math.inf
 
 
+@pytest.mark.slow
 def test_liu_theorem_5_3_holds_is_vacuous_here_and_its_eta_makes_rpo_dpo():
     out = guarantees.liu_guarantee_experiment([30, 300, 3000, 30000], seeds=(0, 1, 2))
     assert (out["gap"] <= out["bound"]).all() and (out["gap"] <= out["reward_range"][:, None]).all()
@@ -227,6 +229,7 @@ def test_liu_theorem_5_3_holds_is_vacuous_here_and_its_eta_makes_rpo_dpo():
     assert guarantees.loglog_slope([1, 10, 100], [1.0, 0.1, 0.01]) == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_rpo_imitating_pi_ref_stays_nearer_pi_ref_and_keeps_less_gold_than_imitating_the_chosen():
     out = bandit.base_policy_experiment(seeds=(0, 1, 2))
     for world in ("hidden_flaw", "linear", "tabular"):

@@ -198,6 +198,7 @@ def test_the_reference_copy_stores_linear_layers_in_the_compute_dtype_and_scores
 
 
 # ------------------------------------------------------------------------------------- padding-free
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "rpo", "sft"])
 def test_padding_free_step_equals_the_padded_step(checkpoint, method):
     model, tokenizer = load_policy(checkpoint, quantization=None, lora=LoraSettings(r=4),

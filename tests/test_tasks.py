@@ -105,6 +105,7 @@ def test_the_rebuild_check_catches_swapped_pairs(tmp_path):
     assert any("preferences_covered.jsonl: with a decoy differs by 0.2300" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_the_rebuild_check_catches_a_model_that_computes_something_else(tmp_path):
     from rpo_lib.tasks import reference_model
 
@@ -131,6 +132,7 @@ def test_preference_files():
     assert 0.7 < agree < 0.95  # Bradley-Terry labels: mostly, not always, the better response
 
 
+@pytest.mark.slow
 def test_reference_policy_matches_its_generator():
     from rpo_lib.train import Trainer, preset
     model, tokenizer = load_reference()
@@ -187,6 +189,7 @@ def _evals(history, key):
     return history.series(key)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_dpo_overoptimises_into_the_uncovered_region(lab, seed):
     h = lab[("dpo", seed)]
@@ -202,6 +205,7 @@ def test_dpo_overoptimises_into_the_uncovered_region(lab, seed):
     assert rejected[-1] - rejected[0] < chosen[-1] - chosen[0]  # the rejected lose more
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_rpo_keeps_the_chosen_and_avoids_the_decoys(lab, seed):
     h, ref = lab[("rpo", seed)], lab[("dpo", seed)]
@@ -213,6 +217,7 @@ def test_rpo_keeps_the_chosen_and_avoids_the_decoys(lab, seed):
     assert chosen[-1] > chosen[0] - 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_hypo_stays_near_the_reference(lab, seed):
     h = lab[("hypo", seed)]
@@ -223,6 +228,7 @@ def test_hypo_stays_near_the_reference(lab, seed):
     assert gold[-1] < _evals(lab[("rpo", seed)], "gold/reward")[-1]  # and, here, it gains less than RPO
 
 
+@pytest.mark.slow
 def test_dpo_with_the_decoys_covered_is_fine(lab):
     h = lab[("dpo-covered", 0)]
     gold, decoy = _evals(h, "gold/reward"), _evals(h, "gold/decoy_mass")
