@@ -44,7 +44,7 @@ varies from step to step (activations, logits, the allocator's fragmentation and
 
 Activations per token and layer of a Llama/Mistral decoder with LoRA on every linear layer, bfloat16 autocast::
 
-    24 H + 8 I + 4 (kv heads x head dim) + 4 heads + 8 + 2 r x (adapted linears)   bytes     (ACTIVATION_BYTES)
+    24 H + 8 I + 4 (kv heads x head dim) + 4 heads + 8 + 2 r x (adapted linears)  bytes  (activation_bytes_per_token)
 
 (H hidden size, I MLP width, r LoRA rank). The formula was measured, not guessed: autograd's saved tensors
 (``saved_activation_bytes``, storages deduplicated, parameters excluded) on five model shapes, where it holds to
@@ -62,7 +62,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["ACTIVATION_BYTES", "ALLOCATOR_SLACK", "GPU_SIZES_GB", "MemoryPlan", "ModelShape", "SHAPES",
+__all__ = ["ALLOCATOR_SLACK", "GPU_SIZES_GB", "MemoryPlan", "ModelShape", "SHAPES",
            "plan_memory", "replace", "saved_activation_bytes", "shape_summary"]
 
 GiB = 2**30
@@ -142,9 +142,6 @@ def activation_bytes_per_token(shape: ModelShape, *, lora_r: int, autocast: bool
     if autocast:
         return 24 * h + 8 * i + 4 * kv + 4 * heads + 8 + 2 * lora_r * 7
     return 36 * h + 10 * i + 4 * kv + 4 * heads + 8 + 4 * lora_r * 7
-
-
-ACTIVATION_BYTES = activation_bytes_per_token  # the name the docs use
 
 
 def saved_activation_bytes(model: Any, input_ids: torch.Tensor, *, autocast_dtype: torch.dtype | None = None,
