@@ -16,15 +16,17 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help install workbook workbook-full test unit notebooks lab store-outputs clean
+.PHONY: help install workbook workbook-full test unit notebooks lab store-outputs check-pages clean
 
 help:
 	@echo "make workbook       set up .venv, run every notebook headless in fast mode, write build/ (HTML + executed notebooks)"
+	@echo "                    the pages typeset formulas offline: MathJax is copied into build/html/mathjax/"
 	@echo "make test           set up .venv, run the unit tests and nbval over notebooks/ (fast mode)"
 	@echo "make unit           the fast tier: the unit tests not marked slow (about a minute; make test runs all)"
 	@echo "make lab            open JupyterLab on notebooks/"
 	@echo "make workbook-full  like 'workbook' with the full-size experiments (RPO_FAST=0)"
 	@echo "make store-outputs  re-execute notebooks and store the outputs of their NBVAL_CHECK_OUTPUT cells"
+	@echo "make check-pages    open build/html/*.html in headless Chromium with the network off; check the formulas"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +62,11 @@ lab: $(STAMP)
 
 store-outputs: $(STAMP)
 	RPO_FAST=1 $(PY) scripts/build_workbook.py --store-checked-outputs $(NOTEBOOKS)
+
+# Needs a Chromium (Debian/Ubuntu: apt-get install chromium-headless-shell); pages without running the notebooks:
+# $(PY) scripts/build_workbook.py --no-execute notebooks/*.ipynb
+check-pages: $(STAMP)
+	$(PY) scripts/check_offline_page.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -135,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-execute", action="store_true",
                         help="only write the HTML pages, from the notebooks as stored (nothing is run)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--build-dir", type=Path, default=BUILD, help="where to write (default: build/)")
     args = parser.parse_args(argv)
+    build = args.build_dir
     if args.no_execute and args.store_checked_outputs:
         parser.error("--store-checked-outputs needs the notebooks run: drop --no-execute")
-    html_dir = BUILD / "html"
+    html_dir = build / "html"
     html_dir.mkdir(parents=True, exist_ok=True)
     install_mathjax(html_dir)
     exporter = html_exporter()
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     mode = "fast" if os.environ.get("RPO_FAST", "") in {"1", "true", "yes", "on"} else "full"
-    (BUILD / "notebooks").mkdir(parents=True, exist_ok=True)
+    (build / "notebooks").mkdir(parents=True, exist_ok=True)
     print(f"Executing {len(args.notebooks)} notebook(s) in {mode} mode (RPO_FAST={os.environ.get('RPO_FAST', '')!r})")
     timings, failures = {}, []
     for path in args.notebooks:
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  running {path.name}", flush=True)
         executed, seconds, error = execute(path, args.timeout)
         timings[path.name] = round(seconds, 1)
-        nbformat.write(executed, BUILD / "notebooks" / path.name)
+        nbformat.write(executed, build / "notebooks" / path.name)
         write_page(executed, html_dir / path.with_suffix(".html").name, exporter)
         if error:
             failures.append(path.name)
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.store_checked_outputs:
                 store_checked_outputs(path, executed)
     record = {"mode": mode, "cpu_threads": os.cpu_count(), "seconds": timings}
-    (BUILD / "timings.json").write_text(json.dumps(record, indent=2) + "\n")
+    (build / "timings.json").write_text(json.dumps(record, indent=2) + "\n")
 
     width = max(map(len, timings))
     print(f"\nRun times ({mode} mode, {os.cpu_count()} CPU threads):")
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<{width}}  {seconds:7.1f} s{'  FAILED' if name in failures else ''}")
     print(f"  {'total':<{width}}  {sum(timings.values()):7.1f} s")
     print(f"\nHTML pages:          {html_dir}/  (MathJax in {html_dir / MATHJAX_FOLDER}/)")
-    print(f"Executed notebooks:  {BUILD / 'notebooks'}/")
-    print(f"Timings:             {BUILD / 'timings.json'}")
+    print(f"Executed notebooks:  {build / 'notebooks'}/")
+    print(f"Timings:             {build / 'timings.json'}")
     if failures:
         print(f"\n{len(failures)} notebook(s) failed: {', '.join(failures)}; open the HTML page to see the error.")
         return 1

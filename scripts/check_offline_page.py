@@ -8,7 +8,7 @@ The browser is Chromium (on Debian/Ubuntu: `apt-get install chromium-headless-sh
 named by --browser. The network is off twice over: the browser runs in a new, empty network namespace
 (`unshare -n`) where the system allows it, and always behind a proxy that refuses every connection
 (127.0.0.1:9, loopback included). It loads the page from file://, lets MathJax run (virtual time), and dumps
-the DOM. A page passes when MathJax typeset every formula it found (at least one), shows no MathJax error,
+the DOM. A page passes when MathJax ran and typeset every formula it found, shows no MathJax error,
 and no raw TeX (`$...$`, `\\(...\\)`, `\\frac`...) is left in the text of its markdown cells. Requests the
 browser tried to send to the network are listed (they all failed); require.js, which only the widget views
 need, is one of them.
@@ -60,6 +60,7 @@ class PageReport:
     """What the browser made of one page."""
 
     page: Path
+    ran: bool = False                     # MathJax started (it leaves its hidden measuring box in the DOM)
     found: int = 0                        # formulas MathJax 2 found (one math/tex script each)
     typeset: int = 0                      # formulas MathJax rendered (MathJax 2 frames or MathJax 3 containers)
     errors: int = 0                       # formulas MathJax could not render
@@ -69,11 +70,12 @@ class PageReport:
 
     @property
     def passed(self) -> bool:
-        return self.typeset > 0 and self.typeset >= self.found and self.errors == 0 and not self.raw_tex
+        return self.ran and self.typeset >= self.found and self.errors == 0 and not self.raw_tex
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        lines = [f"{verdict} {self.page} ({self.offline}): MathJax found {self.found} formula(s) and typeset "
+        started = "MathJax ran" if self.ran else "MathJax never started"
+        lines = [f"{verdict} {self.page} ({self.offline}): {started}, found {self.found} formula(s) and typeset "
                  f"{self.typeset}, {self.errors} MathJax error(s), {len(self.raw_tex)} raw TeX fragment(s) left"]
         lines += [f"    raw TeX: {fragment!r}" for fragment in self.raw_tex[:10]]
         lines += [f"    blocked request: {url}" for url in self.blocked]
@@ -111,6 +113,7 @@ class _MarkdownText(HTMLParser):
 def analyse(dom: str, page: Path) -> PageReport:
     """Count MathJax's output in a dumped DOM and find raw TeX left in the markdown cells."""
     report = PageReport(page)
+    report.ran = 'id="MathJax_Hidden"' in dom or 'id="MJX-CHTML-styles"' in dom or 'id="MJX-SVG-styles"' in dom
     # MathJax 2 turns each formula into a <script type="math/tex" id="MathJax-Element-N"> and, once typeset,
     # puts its output (HTML-CSS, SVG or CommonHTML) in a frame with id MathJax-Element-N-Frame. MathJax 3 puts
     # each formula in an <mjx-container>.
