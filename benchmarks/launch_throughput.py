@@ -6,7 +6,7 @@
 
 The same config, rows and model directory on both sides (NF4 + LoRA r=16 on every linear layer, gradient
 checkpointing, padding-free batches, RPO with a token-mean SFT term, 2 pairs of 512 + 512 tokens per step). The
-plain side loads the model here and times ``Trainer.train()``; the launched side is ``rpo_lib.launch(...,
+plain side loads the model here and times ``Trainer.train()``; the launched side is ``rpo_lib.launch.launch(...,
 num_processes=1)``, whose process times the same call (``result.json``'s ``train_seconds``). Both are cold (no
 warm-up step), so the first step's set-up is in both. The launch's start-up (a new interpreter, imports, loading)
 is reported apart: it is paid once per run, not per step.
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    result = rpo_lib.launch(config, model=path, data=rows, output_dir=work / "launched", num_processes=1,
+    result = rpo_lib.launch.launch(config, model=path, data=rows, output_dir=work / "launched", num_processes=1,
                             quantization="nf4", lora=lora, dtype=None if args.smoke else "bfloat16", echo=False)
     launched_seconds = result.info["train_seconds"]
     tokens = qlora.real_tokens(tokenizer, rows)

@@ -16,11 +16,12 @@ Layout (the math knows nothing of transformers; everything else builds on it):
 - ``rpo_lib.sample``    batched sampling with a KV cache (HyPO's online samples, evaluations).
 - ``rpo_lib.train``     one trainer for SFT, DPO, IPO, RPO and HyPO on any Hugging Face causal LM.
 - ``rpo_lib.parallel``  a process's part in a multi-process run: its shard, the reductions, DDP or FSDP2.
-- ``rpo_lib.launch``    the trainer on many processes, GPUs or machines (accelerate); ``rpo_lib.launch(config, ...)``.
+- ``rpo_lib.launch``    the trainer on many processes, GPUs or machines (accelerate): ``launch.launch(config, ...)``.
 - ``rpo_lib.evaluation`` a trained policy against its reference: reward-model win rate, KL to the reference.
 - ``rpo_lib.checkpoints`` the trainer's checkpoint files: atomic writes, safe loading, discovery by step.
 - ``rpo_lib.tasks``     a language task with a known gold reward ("topic lists") and its shipped files.
 - ``rpo_lib.lab``       notebook 07's comparison: the task trained with one set of settings (``lab_run``).
+- ``rpo_lib.log``       how the library reports: a logger per module, shown on the screen by default.
 - ``rpo_lib.env``       fast mode (``RPO_FAST``), device detection, versions, Colab set-up.
 - ``rpo_lib.exercises`` check helpers for the notebooks' exercises.
 - ``rpo_lib.plotting``  the workbook's plot style.
@@ -36,8 +37,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["bandit", "bt", "chat_task", "checkpoints", "coverage", "data", "env", "evaluation", "exercises", "families",
-           "lab", "launch", "logprobs", "losses", "memory", "models", "packing", "papers", "parallel", "plotting",
-           "run_log", "sample", "tasks", "train"]
+           "lab", "launch", "log", "logprobs", "losses", "memory", "models", "packing", "papers", "parallel",
+           "plotting", "run_log", "sample", "tasks", "train"]
 
 
 def __getattr__(name: str) -> Any:

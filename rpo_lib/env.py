@@ -19,6 +19,8 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from rpo_lib.log import get_logger
+
 __all__ = ["COLAB_SETUP_CELL", "colab_plan", "colab_setup", "device", "environment_report", "fast_mode", "in_colab",
            "install_missing", "missing_requirements", "one_thread", "pick", "print_environment", "single_thread"]
 
@@ -26,6 +28,7 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 DISTRIBUTION = "rpo-workbook"
+log = get_logger(__name__)
 
 
 def fast_mode() -> bool:
@@ -77,14 +80,19 @@ def in_colab() -> bool:
 
 
 def device(prefer: str | None = None) -> torch.device:
-    """The best available device: CUDA, then Apple MPS, then CPU; ``prefer`` forces one ("cpu", "cuda")."""
+    """The device this process should use: the one GPU a launcher gave it (``cuda:LOCAL_RANK`` under accelerate
+    or torchrun), else the current CUDA device, else Apple MPS, else the CPU. ``prefer`` forces a type or a device
+    ("cpu", "cuda", "cuda:1"); a bare "cuda" also means the launcher's GPU."""
     if prefer is not None:
         chosen = torch.device(prefer)
         if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible: use 'cpu' or check the driver.")
-        return chosen
+            raise ValueError(f"device {prefer!r} was asked for but no CUDA GPU is visible: use 'cpu' or check the "
+                             f"driver.")
+        if chosen.type != "cuda" or chosen.index is not None:
+            return chosen
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -235,7 +243,7 @@ def colab_setup() -> None:
     if install:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *install], check=True)
     for warning in warnings:
-        print("rpo_lib.env:", warning)
+        log.warning(warning)
     if in_colab():
         from google.colab import output  # type: ignore[import-not-found]
 

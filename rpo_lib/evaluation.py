@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rpo_lib import env
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import as_reference, launch_device
+from rpo_lib.models import as_reference
 from rpo_lib.sample import Samples, sample
 
 __all__ = ["Comparison", "GoldScore", "Prompt", "RewardModel", "compare_to_reference", "load_reward_model",
@@ -48,7 +49,7 @@ def load_reward_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | N
     """A reward model by hub id or local directory (``AutoModelForSequenceClassification`` with one label)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    place = torch.device(device) if device is not None else launch_device()
+    place = torch.device(device) if device is not None else env.device()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, num_labels=1, dtype=dtype or (torch.bfloat16 if place.type == "cuda" else torch.float32),

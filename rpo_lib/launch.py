@@ -2,10 +2,10 @@
 
 From a notebook::
 
-    import rpo_lib.launch
-    result = rpo_lib.launch(config, model="HuggingFaceH4/mistral-7b-sft-beta",
-                            data="HuggingFaceH4/ultrafeedback_binarized", output_dir="runs/rpo",
-                            quantization="nf4", num_processes=4, strategy="fsdp")
+    from rpo_lib.launch import launch
+    result = launch(config, model="HuggingFaceH4/mistral-7b-sft-beta",
+                    data="HuggingFaceH4/ultrafeedback_binarized", output_dir="runs/rpo",
+                    quantization="nf4", num_processes=4, strategy="fsdp")
     result.history.series("loss")          # the merged history: every metric summed over the processes
     result.adapter_dir                     # the trained adapter, saved once
 
@@ -55,7 +55,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -677,15 +676,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{result.seconds:.0f} s; final loss {last['loss']:.4f}; adapter in {result.adapter_dir}")
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """``rpo_lib.launch(...)`` calls ``rpo_lib.launch.launch(...)``: the module is the function's namespace."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> LaunchResult:
-        return launch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,7 @@ Activations per token and layer of a Llama/Mistral decoder with LoRA on every li
 
 (H hidden size, I MLP width, r LoRA rank). The formula was measured, not guessed: autograd's saved tensors
 (``saved_activation_bytes``, storages deduplicated, parameters excluded) on five model shapes, where it holds to
-the byte; ``tests/test_scale.py`` re-measures a sixth. Without autocast peft casts every adapted layer's input
+the byte; ``tests/test_memory.py`` re-measures a sixth. Without autocast peft casts every adapted layer's input
 to float32 and the count is ``36 H + 10 I + ... + 4 r``: ``rpo_lib.train`` runs its forward passes under
 autocast for that reason. What the CPU cannot show is the GPU allocator's own overhead: the planner adds
 ``ALLOCATOR_SLACK`` and is to be checked against ``torch.cuda.max_memory_allocated`` on a GPU

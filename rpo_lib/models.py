@@ -29,7 +29,7 @@ from rpo_lib import env
 __all__ = ["COMPUTE_DTYPE_ATTRIBUTE", "REF_ADAPTER", "SMOLLM2_ID", "SMOLLM2_PYPI", "SPECIAL_TOKENS", "LoraSettings",
            "TinyLMConfig",
            "as_reference", "base_model", "cache_dir", "compute_dtype", "disable_dropout", "enable_checkpointing",
-           "find_dropout", "frozen_copy", "is_peft", "keep_4bit_trainable_on_cpu", "launch_device", "load_policy",
+           "find_dropout", "frozen_copy", "is_peft", "keep_4bit_trainable_on_cpu", "load_policy",
            "prepare_for_kbit_training", "quantization_config", "smollm2", "tiny_causal_lm", "tiny_checkpoint",
            "with_lora"]
 
@@ -239,15 +239,6 @@ class LoraSettings:
     target_modules: str | tuple[str, ...] = "all-linear"
 
 
-def launch_device() -> torch.device:
-    """The device this process should load onto: ``cuda:LOCAL_RANK`` under a launcher (accelerate, torchrun),
-    the current CUDA device otherwise, else MPS, else the CPU."""
-    if torch.cuda.is_available():
-        local_rank = os.environ.get("LOCAL_RANK")
-        return torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
-    return env.device()
-
-
 def quantization_config(quantization: Quantization | None, compute_dtype: torch.dtype, *,
                         shardable: bool = False) -> Any:
     """The ``BitsAndBytesConfig`` of QLoRA: NF4 with double quantisation and ``compute_dtype`` matmuls, or
@@ -369,8 +360,8 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
             ``mixed_precision="bf16"``): the weights are kept in float32 and the trainer computes in ``dtype`` under
             autocast. In bfloat16 a weight cannot change by less than about 1/256 of itself, so AdamW's updates at
             a DPO learning rate (5e-7: about 1e-5 of a weight) are lost: measured on a GPU, one step moved 0.8% of
-            the weights against 84.8% in float32 (``tests/test_scale.py`` measures the same on a CPU).
-        device: default ``launch_device()``: each process of a launcher loads onto its own GPU.
+            the weights against 84.8% in float32 (``tests/test_train.py`` measures the same on a CPU).
+        device: default ``rpo_lib.env.device()``: each process of a launcher loads onto its own GPU.
         tokenizer: where the tokenizer is, if not beside the model.
         trust_remote_code: run code shipped with the model (off: only architectures transformers knows).
         revision: a hub branch, tag or commit, to pin what is downloaded.
@@ -382,7 +373,7 @@ def load_policy(name_or_path: str | os.PathLike, *, quantization: Quantization |
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    place = torch.device(device) if device is not None else launch_device()
+    place = torch.device(device) if device is not None else env.device()
     dtype = dtype or (torch.bfloat16 if place.type == "cuda" else torch.float32)
     if quantization is not None and lora is None and sft_adapter is None:
         raise ValueError(f"a {quantization} model's weights cannot be trained: give lora=LoraSettings() (QLoRA) or "

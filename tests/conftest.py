@@ -63,3 +63,23 @@ def _trl_loss_and_grads(policy, reference, tokenizer, rows, output_dir, *, loss_
 @pytest.fixture
 def trl_loss_and_grads():
     return _trl_loss_and_grads
+
+
+def _sample_texts():
+    from rpo_lib.data import SCHEMAS, load_preferences, sample_file
+
+    texts = []
+    for name in SCHEMAS:
+        for row in load_preferences(sample_file(name)):
+            for key in ("prompt", "chosen", "rejected"):
+                value = row[key]
+                texts.append(value if isinstance(value, str) else " ".join(m["content"] for m in value))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny model directory as the hub has them, with a tokenizer trained on the sample files."""
+    from rpo_lib.models import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", _sample_texts())

@@ -201,7 +201,7 @@ def test_resume_lists_every_difference_and_checks_the_data(reference, pairs, tmp
     message = str(error.value)
     for part in ("learning_rate: 0.001", "lam: 0.05", "the data: the tokenized rows differ"):
         assert part in message
-    assert other._ref_logps is None  # the old rows' reference log-probs were not taken over
+    assert other.reference.logps is None  # the old rows' reference log-probs were not taken over
 
 
 def test_resume_may_change_how_a_step_is_computed_and_the_length(reference, pairs, tmp_path, capsys):

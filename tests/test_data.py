@@ -1,11 +1,24 @@
 """rpo_lib.data: TRL-compatible tokenization, and every bad row either an error or a counted drop."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from rpo_lib.data import DataReport, collate_preferences, fingerprint, tokenize_preferences, tokenize_sft
+from rpo_lib.data import (
+    SCHEMAS,
+    DataReport,
+    collate_preferences,
+    fingerprint,
+    load_preferences,
+    parse_hh,
+    sample_file,
+    tokenize_dataset,
+    tokenize_preferences,
+    tokenize_sft,
+)
+from rpo_lib.models import load_policy
 from rpo_lib.tasks import load_reference
 
 
@@ -293,3 +306,82 @@ def test_a_long_chat_prompt_keeps_the_templates_bos_and_whole_turns(chat_tokeniz
     assert example == alone  # exactly the last turn, rendered as if it were the whole conversation
     assert example.prompt_ids[0] == chat_tokenizer.bos_token_id and example.prompt_ids.count(
         chat_tokenizer.bos_token_id) == 1
+
+
+# ------------------------------------------------------------------------------- dataset schemas and their sample files
+EXPECTED_FIRST_CHOSEN = {
+    "ultrafeedback": "Lower the egg into water",
+    "dpo-mix": "Lower the egg into water",
+    "hh-rlhf": "Lower the egg into water",
+    "tldr": " Thin pot plus high heat",
+    "preference": " Lower the egg into water",
+}
+
+
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_every_schema_sample_loads_into_prompt_chosen_rejected(schema):
+    rows = load_preferences(sample_file(schema))
+    assert set(rows.column_names) == {"prompt", "chosen", "rejected"} and len(rows) >= 4
+    first = rows[0]
+    chosen = first["chosen"] if isinstance(first["chosen"], str) else first["chosen"][-1]["content"]
+    assert chosen.startswith(EXPECTED_FIRST_CHOSEN[schema])
+    if not isinstance(first["prompt"], str):  # conversations: the prompt ends with the user's turn
+        assert first["prompt"][-1]["role"] == "user" and first["chosen"][0]["role"] == "assistant"
+
+
+def test_schema_is_detected_from_the_columns_and_can_be_forced():
+    raw = [json.loads(line) for line in sample_file("tldr").read_text().splitlines()]
+    assert raw[1]["choice"] == 1  # the better summary is second in this row: the adapter must follow `choice`
+    rows = load_preferences(sample_file("tldr"))
+    assert rows[1]["chosen"].strip() == raw[1]["summaries"][1]["text"]
+    assert rows[0]["prompt"].startswith("SUBREDDIT: r/cooking\nTITLE:") and rows[0]["prompt"].endswith("TL;DR:")
+    with pytest.raises(ValueError, match="lists of messages"):
+        load_preferences(sample_file("preference"), schema="ultrafeedback")
+
+
+def test_hh_text_is_parsed_into_turns():
+    text = "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 4."
+    assert parse_hh(text) == [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    with pytest.raises(ValueError, match="HH-RLHF"):
+        parse_hh("Hi there")
+
+
+def test_unreachable_hub_id_says_to_use_a_local_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="local file in the same schema"):
+        load_preferences("HuggingFaceH4/ultrafeedback_binarized")
+
+
+@pytest.mark.parametrize("schema", ["ultrafeedback", "hh-rlhf", "tldr"])
+def test_datasets_map_gives_the_tokens_of_the_list_path(checkpoint, schema):
+    _, tokenizer = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    rows = load_preferences(sample_file(schema))
+    tokenized, report = tokenize_dataset(rows, tokenizer, max_length=80, max_prompt_length=40)
+    examples, list_report = tokenize_preferences(list(rows), tokenizer, max_length=80, max_prompt_length=40)
+    assert str(report) == str(list_report)
+    assert [r["chosen_ids"] for r in tokenized] == [e.chosen_ids for e in examples]
+    assert [r["prompt_ids"] for r in tokenized] == [e.prompt_ids for e in examples]
+    assert all(len(r["prompt_ids"]) <= 40 and r["length"] <= 80 for r in tokenized)
+
+
+def test_truncation_policy_keeps_the_prompt_end_and_counts_it(checkpoint):
+    _, tokenizer = load_policy(checkpoint, quantization=None, lora=None, gradient_checkpointing=False)
+    row = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes", "rejected": " no"}
+    full, _ = tokenize_preferences([row], tokenizer, max_length=64)
+    (kept,), report = tokenize_preferences([row], tokenizer, max_length=64, max_prompt_length=5)
+    assert kept.prompt_ids == full[0].prompt_ids[:1] + full[0].prompt_ids[-4:]  # BOS + the last 4 tokens
+    assert report.prompts_truncated == 1 and "1 prompts cut" in str(report)
+    _, dropped = tokenize_preferences([row, {**row, "prompt": "hi"}], tokenizer, max_length=64, max_prompt_length=5,
+                                      prompt_truncation="drop")
+    assert dropped.dropped["prompt too long"] == 1 and dropped.kept == 1
+
+
+def test_sample_files_are_what_the_script_writes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -65,6 +65,20 @@ def test_environment_report_and_requirements(monkeypatch):
     assert env.device("cpu").type == "cpu"
 
 
+def test_one_device_picker_gives_each_launched_process_its_own_gpu(monkeypatch):
+    """env.device is the library's only device picker: under a launcher (LOCAL_RANK) the process's own GPU, for
+    the trainer and load_policy alike."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert env.device() == torch.device("cuda", 3) == env.device("cuda")
+    assert env.device("cuda:1") == torch.device("cuda", 1) and env.device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert env.device() == torch.device("cuda", 2)
+
+
 def test_exercise_check(capsys):
     assert exercises.check("06.E1", None) is False
     assert "not answered yet" in capsys.readouterr().out
@@ -91,6 +105,7 @@ def test_math_modules_do_not_import_transformers():
 # The floors of rpo_lib, lowest first: a module may import only from floors below its own (or from its own package).
 # Imports inside functions count too, so a circle cannot hide behind a lazy import.
 FLOORS = (
+    ("log",),                                                                       # how the library reports
     ("_checks", "env", "papers", "checkpoints", "run_log", "plotting", "memory"),  # no rpo_lib imports
     ("bt", "logprobs", "coverage", "data"),                                         # math, and rows of data
     ("losses",),                                                                    # the losses, on bt
@@ -135,7 +150,7 @@ def test_every_module_imports_only_from_floors_below_its_own():
 
 def test_rpo_lib_never_imports_trl():
     # TRL is a test dependency (the parity test); the library must work without it.
-    for path in (ROOT / "rpo_lib").glob("*.py"):
+    for path in (ROOT / "rpo_lib").rglob("*.py"):
         assert not re.search(r"^\s*(import trl|from trl)", path.read_text(), re.M), path.name
 
 

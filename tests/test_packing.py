@@ -1,14 +1,16 @@
 """Padding-free batches score every sequence exactly as a padded batch does: log-probs and gradients."""
 
+import copy
 import os
 
 import pytest
 import torch
 
 from rpo_lib import packing
-from rpo_lib.data import pad_rows
+from rpo_lib.data import load_preferences, pad_rows, sample_file
 from rpo_lib.logprobs import completion_logprobs
-from rpo_lib.models import TinyLMConfig, tiny_causal_lm
+from rpo_lib.models import LoraSettings, TinyLMConfig, load_policy, tiny_causal_lm
+from rpo_lib.train import Trainer, preset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ATOL, RTOL = 1e-5, 1e-6  # float32: the two paths sum the same terms in different orders
@@ -100,3 +102,28 @@ def test_pack_refuses_empty_prompts_and_overlong_sequences():
         packing.pack_sequences([[]], [[5]], max_row_tokens=8, pad_token_id=0)
     with pytest.raises(ValueError, match="raise max_row_tokens"):
         packing.pack_sequences([[1, 2]], [[5] * 10], max_row_tokens=8, pad_token_id=0)
+
+
+# -------------------------------------------------------------------------------------- the trainer's padding-free step
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "rpo", "sft"])
+def test_padding_free_step_equals_the_padded_step(checkpoint, method):
+    model, tokenizer = load_policy(checkpoint, quantization=None, lora=LoraSettings(r=4),
+                                   gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    rows = list(load_preferences(sample_file("ultrafeedback")))
+    if method == "sft":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    grads, losses = [], []
+    for padding_free in (False, True):
+        config = preset("tiny", method=method, batch_size=8, micro_batch_size=3, max_length=96, progress=False,
+                        padding_free=padding_free, max_grad_norm=None, rpo_variant="trl")
+        trainer = Trainer(copy.deepcopy(model), tokenizer, rows, config)
+        losses.append(trainer._optimizer_step(0)["loss"])
+        grads.append([p.grad.clone() for p in trainer.parameters])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for padded, packed in zip(*grads, strict=True):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-6)
