@@ -398,3 +398,10 @@ def test_ipo_minimisers_have_unbounded_kl_and_gap_as_the_unseen_mass_shrinks(tau
     assert slopes[0] == pytest.approx(0.5, abs=0.01) and slopes[1] == pytest.approx(beta / 2, abs=0.01)
     with pytest.raises(ValueError, match="'dpo' or 'ipo'"):
         bandit.prop41_policy(bandit.three_response_world(0.1), beta, 0.5, method="kto")  # type: ignore[arg-type]
+
+
+def test_a_bandit_config_is_checked_when_it_is_made():
+    with pytest.raises(ValueError, match="'chosen' or 'reference'"):
+        bandit.BanditConfig(base="data")  # before any training starts, not when train() reads it
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        bandit.BanditConfig(optimizer="lbfgs")

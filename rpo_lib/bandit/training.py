@@ -62,6 +62,12 @@ class BanditConfig:
     n_logged: int = 101
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.base not in ("chosen", "reference"):
+            raise ValueError(f"BanditConfig.base must be 'chosen' or 'reference'; got {self.base!r}.")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"BanditConfig.optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}.")
+
 
 def _optimizer(parameters, config: BanditConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
@@ -122,8 +128,6 @@ def train(world: BanditWorld, data: bt.Comparisons, method: Method, config: Band
         the whole data), ``loss`` (the training loss at that step; for RLHF minus the fitted objective).
     """
     config = config or BanditConfig()
-    if config.base not in ("chosen", "reference"):
-        raise ValueError(f"config.base must be 'chosen' or 'reference'; got {config.base!r}.")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if len(data) == 0:
