@@ -1,22 +1,19 @@
 """The benchmarks' smoke modes (qlora_rpo_7b.py, launch_throughput.py, real_model_cpu.py, gpu_check): the same code as
 and no timing asserted."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from helpers import load_file
 
 pytest.importorskip("trl", reason="the benchmark compares with TRL, a test dependency: pip install -e '.[dev]'")
 
 
 def _smoke_run(name: str, tmp_path: Path) -> dict:
     """Run ``benchmarks/<name>.py --smoke`` and return what it wrote."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file(f"benchmarks/{name}.py")
     out = tmp_path / "smoke.json"
     module.main(["--smoke", "--out", str(out)])
     return json.loads(out.read_text())
@@ -100,9 +97,7 @@ def test_real_model_cpu_benchmark_smoke_mode_runs_every_side(tmp_path):
 def test_the_readme_cpu_table_is_the_committed_benchmark_json():
     """docs/scale.md's CPU figures are real_model_cpu.json's, written by `real_model_cpu.py --table`, not typed."""
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("real_model_cpu", root / "benchmarks" / "real_model_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file("benchmarks/real_model_cpu.py")
     result = json.loads((root / "benchmarks" / "real_model_cpu.json").read_text())
     assert result["smoke"] is False and result["date"]
     readme = (root / "docs" / "scale.md").read_text()

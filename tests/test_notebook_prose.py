@@ -1,15 +1,13 @@
 """The notebooks' prose stays light: short markdown cells, one heading per cell (scripts/notebook_prose.py)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("notebook_prose", ROOT / "scripts" / "notebook_prose.py")
-notebook_prose = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(notebook_prose)
+notebook_prose = load_file("scripts/notebook_prose.py")
 
 # Words per markdown cell, on average (rasbt's DPO notebook: about 47). Before issue 22 the notebooks averaged 70-138
 # (109 over the workbook); after it 41-64, 58 over the workbook. A cell is one heading, one paragraph, one takeaway.

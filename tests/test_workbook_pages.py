@@ -8,38 +8,27 @@ build folder, not a CDN. The browser test opens that page in headless Chromium w
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import re
 import shutil
-import sys
 import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
-from types import ModuleType
 from urllib.parse import parse_qs, urlsplit
 
 import nbformat
 import pytest
+from helpers import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = ("$P(y_1 \\succ y_0 \\mid x) = \\sigma\\big(r^\\star(x, y_1) - r^\\star(x, y_0)\\big)$",
             "$$\\mathcal{L} = -\\log \\sigma\\Big(\\beta \\log \\frac{\\pi(y^+)}{\\pi_{ref}(y^+)}\\Big)$$")
 
 
-def _script(name: str) -> ModuleType:
-    """Import scripts/<name>.py as a new module (registered in sys.modules, as dataclasses need)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """build/html/ of `build_workbook.py --no-execute` for one small notebook (prose with formulas, a stored
     output), in a temporary build folder; the page's path."""
-    build_workbook = _script("build_workbook")
+    build_workbook = load_file("scripts/build_workbook.py")
     folder = tmp_path_factory.mktemp("workbook")
     notebook = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell(f"# A page\n\nThe BT model, {FORMULAS[0]}, and the DPO loss\n\n{FORMULAS[1]}"),
@@ -93,7 +82,7 @@ def test_pages_load_mathjax_from_the_build_folder(page: Path):
 
 def test_the_mathjax_package_is_the_pinned_one():
     """build_workbook names the pin of pyproject.toml's dev extra, and that version is installed."""
-    package = _script("build_workbook").MATHJAX_PACKAGE
+    package = load_file("scripts/build_workbook.py").MATHJAX_PACKAGE
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     assert package in dev
     name, version = package.split("==")
@@ -102,7 +91,7 @@ def test_the_mathjax_package_is_the_pinned_one():
 
 def test_a_moved_page_typesets_its_formulas_in_a_browser_without_network(page: Path, tmp_path: Path):
     """The built html/ folder, copied elsewhere, opened in headless Chromium with the network off."""
-    check = _script("check_offline_page")
+    check = load_file("scripts/check_offline_page.py")
     browser = check.find_browser()
     if browser is None:
         pytest.skip(check.INSTALL_HINT)
