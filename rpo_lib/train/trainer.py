@@ -15,7 +15,6 @@ norm stops the run before the optimizer steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -44,7 +43,7 @@ from rpo_lib.parallel import SingleProcess, micro_batches, shard
 from rpo_lib.run_log import RunLog
 from rpo_lib.sample import Samples, row_seed, rows_that_fit, sample
 from rpo_lib.train import batches, resume
-from rpo_lib.train.config import Reduction, TrainConfig
+from rpo_lib.train.config import Reduction, TrainConfig, settings
 from rpo_lib.train.packed_check import check_packing
 from rpo_lib.train.reference import Reference
 from rpo_lib.train.steps import STEPS
@@ -491,7 +490,7 @@ class Trainer:
         directory = config.log_dir or (os.path.join(config.checkpoint_dir, "logs") if config.checkpoint_dir else
                                        os.path.join("runs", f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
         self.log_dir = Path(directory)
-        return RunLog(directory, config.report_to, dataclasses.asdict(config))
+        return RunLog(directory, config.report_to, settings(config))  # as a checkpoint records them
 
     def _claim_checkpoint_dir(self, overwrite: bool) -> None:
         """A new run may write into ``checkpoint_dir`` only if it holds no checkpoints, or if told to delete them."""
