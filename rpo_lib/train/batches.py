@@ -19,7 +19,8 @@ from rpo_lib.data import SFTExample
 from rpo_lib.train.config import TrainConfig
 
 __all__ = ["completion_tokens", "epoch_order", "epochs_done", "example_length", "group_by_length", "lr_factor",
-           "step_epoch", "step_indices"]
+           "step_epoch", "step_indices",
+           "steps_per_epoch"]
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -79,21 +80,25 @@ def epoch_order(epoch: int, lengths: Sequence[int], config: TrainConfig) -> list
     return order
 
 
+def steps_per_epoch(n: int, config: TrainConfig) -> int:
+    """Optimizer steps in one epoch of ``n`` examples (the last batch smaller when ``batch_size`` does not divide)."""
+    return math.ceil(n / config.batch_size)
+
+
 def step_indices(step: int, order: Sequence[int], config: TrainConfig) -> list[int]:
     """The examples of optimizer step ``step`` (0-based), given its epoch's ``order``: a batch never spans two
     epochs (the last one of an epoch is smaller when ``batch_size`` does not divide the data)."""
     n, size = len(order), config.batch_size
-    position = step % math.ceil(n / size)
+    position = step % steps_per_epoch(n, config)
     return list(order[position * size:min(n, (position + 1) * size)])
 
 
 def step_epoch(step: int, n: int, config: TrainConfig) -> int:
     """The epoch that optimizer step ``step`` (0-based) belongs to, with ``n`` examples."""
-    return step // math.ceil(n / config.batch_size)
+    return step // steps_per_epoch(n, config)
 
 
 def epochs_done(step: int, n: int, config: TrainConfig) -> float:
     """Epochs completed after optimizer step ``step`` (0-based), with ``n`` examples."""
-    size = config.batch_size
-    epoch, position = divmod(step, math.ceil(n / size))
-    return epoch + min(n, (position + 1) * size) / n
+    epoch, position = divmod(step, steps_per_epoch(n, config))
+    return epoch + min(n, (position + 1) * config.batch_size) / n
